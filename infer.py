@@ -1,0 +1,8 @@
+"""Score, generate and chat with a Llama checkpoint: `python infer.py {score,generate,chat} --help`."""
+
+import sys
+
+from llama_jax.infer import main
+
+if __name__ == "__main__":
+    sys.exit(main())

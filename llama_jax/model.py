@@ -1,0 +1,263 @@
+"""The Llama 1/2/3 transformer in Flax Linen.
+
+One forward serves training, scoring and KV-cache decoding. Layers are stacked with
+`nn.scan`, so every layer parameter has a leading `layers` axis. Every parameter and
+activation carries logical axis names; sharding plans map them to a mesh from outside.
+
+RoPE uses the rotate-half convention (pairs `(x[i], x[i + head_dim/2])`), as Hugging Face
+stores q/k; Meta's interleaved layout is permuted at the converter boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.attention import attention
+from llama_jax.config import LlamaConfig
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]  # k, v: [layers, batch, cache_len, kv_heads, head_dim]; segment_ids: [batch, cache_len]
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_init = nn.initializers.normal(0.02)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [head_dim/2], with Llama 3.1-style scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    rs = cfg.rope_scaling
+    if rs is not None:
+        wavelen = 2 * np.pi / inv
+        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
+        mid = (1 - smooth) * inv / rs.factor + smooth * inv
+        inv = np.where(wavelen > low_wl, inv / rs.factor, np.where(wavelen < high_wl, inv, mid))
+    return inv.astype(np.float32)
+
+
+def rope_angles(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, head_dim/2] in float32 for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate halves of x [B, T, H, D] by the angles [B, T, D/2], in float32."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def _dense(features, axis, names, name, dtype, param_dtype) -> nn.DenseGeneral:
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(_init, names),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    implementation: str
+
+    @nn.compact
+    def __call__(self, x, cos, sin, layer_cache, q_segment_ids, kv_segment_ids, cache_index):
+        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        heads = ("batch", "length", "heads", "head_dim")
+        kv_heads = ("batch", "length", "kv_heads", "head_dim")
+        q = _dense((c.n_heads, c.head_dim), -1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
+        k = _dense((c.n_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
+        v = _dense((c.n_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads)
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
+        v = nn.with_logical_constraint(v, kv_heads)
+        if layer_cache is not None:
+            at = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), at)
+            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
+            layer_cache = {"k": k, "v": v}
+            k = nn.with_logical_constraint(k, ("batch", "cache_length", "kv_heads", "head_dim"))
+            v = nn.with_logical_constraint(v, ("batch", "cache_length", "kv_heads", "head_dim"))
+        out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, cache_index, self.implementation)
+        out = nn.with_logical_constraint(out, heads)
+        out = _dense(c.dim, (-2, -1), ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
+        return out, layer_cache
+
+
+class FeedForward(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        gate = _dense(c.ffn_dim, -1, ("embed", "mlp"), "w1", dt, pdt)(x)
+        up = _dense(c.ffn_dim, -1, ("embed", "mlp"), "w3", dt, pdt)(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _dense(c.dim, -1, ("mlp", "embed"), "w2", dt, pdt)(h)
+
+
+class Block(nn.Module):
+    """A pre-norm transformer layer; the `nn.scan` body (carry x, per-layer cache slice)."""
+
+    cfg: LlamaConfig
+    dtype: Any
+    param_dtype: Any
+    implementation: str
+
+    @nn.compact
+    def __call__(self, x, layer_cache, rope, segments, cache_index):
+        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        h = RMSNorm(c.norm_eps, dt, pdt, name="attention_norm")(x)
+        attn, layer_cache = Attention(c, dt, pdt, self.implementation, name="attention")(
+            h, *rope, layer_cache, *segments, cache_index
+        )
+        x = x + attn
+        x = x + FeedForward(c, dt, pdt, name="feed_forward")(RMSNorm(c.norm_eps, dt, pdt, name="ffn_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
+
+
+class Llama(nn.Module):
+    """tokens [B, T] -> (logits [B, T, vocab] or final hidden states [B, T, dim], cache).
+
+    positions: RoPE positions [B, T] (default: cache_index + arange(T)).
+    segment_ids: [B, T] document ids for packed sequences; 0 marks padding (default: all 1).
+    cache: from `init_cache`; the T new keys/values are written at slots
+      [cache_index, cache_index + T) and the updated cache is returned (else None).
+    """
+
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: str = "none"
+    attention_impl: str = "xla"
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        cache: Cache | None = None,
+        cache_index: jax.Array | int = 0,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, Cache | None]:
+        c, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        embed = nn.Embed(
+            c.vocab_size,
+            c.dim,
+            dtype=dt,
+            param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")),
+            name="tok_embeddings",
+        )
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        rope = rope_angles(c, positions)
+
+        layer_cache, kv_segment_ids = None, segment_ids
+        if cache is not None:
+            kv_segment_ids = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids.astype(cache["segment_ids"].dtype), (0, cache_index)
+            )
+            layer_cache = {"k": cache["k"], "v": cache["v"]}
+
+        block = Block
+        if self.remat != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, dt, pdt, self.attention_impl, name="layers")
+        x, layer_cache = layers(x, layer_cache, rope, (segment_ids, kv_segment_ids), cache_index)
+
+        new_cache = None if cache is None else {**layer_cache, "segment_ids": kv_segment_ids}
+        x = RMSNorm(c.norm_eps, dt, pdt, name="norm")(x)
+        if return_hidden:
+            return x, new_cache
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = _dense(c.vocab_size, -1, ("embed", "vocab"), "output", dt, pdt)(x)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
+
+
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
+    }
+
+
+CACHE_AXES = {
+    "k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "v": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
+    "segment_ids": ("batch", "cache_length"),
+}
+
+
+def init_params(cfg: LlamaConfig, rng: jax.Array, param_dtype: Any = jnp.float32) -> Params:
+    """Random parameters as a plain pytree (the canonical layout, unboxed)."""
+    model = Llama(cfg, param_dtype=param_dtype)
+    variables = model.init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+def param_logical_axes(cfg: LlamaConfig) -> Params:
+    """The logical axis names of every parameter, a pytree of PartitionSpec like the params."""
+    model = Llama(cfg)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def param_shapes(cfg: LlamaConfig, dtype: Any = jnp.float32) -> Params:
+    """ShapeDtypeStructs of the canonical parameter pytree, without allocating it."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
