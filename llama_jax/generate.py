@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.model import Llama, Params, init_cache
+from llama_jax.sharding import to_host
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ class _Batch:
     padding_rows: jax.Array  # [B] True for batch padding
 
 
-def _start(model, params, prompts, max_new, sampling, seed, cache_dtype) -> _Batch:
+def _start(model, params, prompts, max_new, sampling, seed, cache_dtype, batch_multiple) -> _Batch:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
@@ -158,7 +159,8 @@ def _start(model, params, prompts, max_new, sampling, seed, cache_dtype) -> _Bat
         raise ValueError(
             f"prompt of {longest} tokens + {max_new} new tokens exceeds the context of {model.cfg.max_seq_len}"
         )
-    rows, b, p = len(prompts), bucket(len(prompts), 1), bucket(longest)
+    rows, p = len(prompts), bucket(longest)
+    b = -(-bucket(rows, 1) // batch_multiple) * batch_multiple
     tokens = np.zeros((b, p), np.int32)
     pad = np.full((b,), p, np.int32)
     lengths = np.zeros((b,), np.int32)
@@ -196,9 +198,12 @@ def generate(
     stop_ids: Sequence[int] = (),
     seed: int = 0,
     cache_dtype=None,
+    batch_multiple: int = 1,
 ) -> list[Completion]:
-    """Complete each prompt (token ids) until one of stop_ids or max_new_tokens."""
-    batch = _start(model, params, prompts, max_new_tokens, sampling, seed, cache_dtype)
+    """Complete each prompt (token ids) until one of stop_ids or max_new_tokens.
+
+    The batch is padded to a multiple of `batch_multiple` (the data-parallel degree)."""
+    batch = _start(model, params, prompts, max_new_tokens, sampling, seed, cache_dtype, batch_multiple)
     out = _decode_loop(
         model,
         params,
@@ -211,7 +216,7 @@ def generate(
         sampling=sampling,
         max_new=max_new_tokens,
     )
-    out = np.asarray(out)
+    out = to_host(out)
     return [_finish(out[i], stop_ids) for i in range(batch.rows)]
 
 
@@ -224,10 +229,11 @@ def stream(
     stop_ids: Sequence[int] = (),
     seed: int = 0,
     cache_dtype=None,
+    batch_multiple: int = 1,
 ) -> Iterator[list[int | None]]:
     """Like `generate`, one step at a time: yields each row's new token (None once a row
     has stopped; the stop token itself is not yielded). Same numbers as `generate`."""
-    batch = _start(model, params, prompts, max_new_tokens, sampling, seed, cache_dtype)
+    batch = _start(model, params, prompts, max_new_tokens, sampling, seed, cache_dtype, batch_multiple)
     stops = set(stop_ids)
     done = [False] * batch.rows
     token, cache = batch.first, batch.cache
@@ -236,7 +242,7 @@ def stream(
             token, cache = _decode_step(
                 model, params, cache, token, batch.lengths, step - 1, batch.keys, batch.prompt_len, sampling
             )
-        host = np.asarray(token)[: batch.rows].tolist()
+        host = to_host(token)[: batch.rows].tolist()
         done = [d or t in stops for d, t in zip(done, host, strict=True)]
         if all(done):
             return

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import ArgumentParser, UserError, run_cli
 from llama_jax.generate import Sampling, generate, stream
@@ -30,6 +31,12 @@ class Loaded:
     model: Llama
     params: Params
     tokenizer: Any  # llama_jax.tokenizer.Tokenizer, or None when the checkpoint has none
+    plan: sharding.Plan
+    mesh: jax.sharding.Mesh
+
+    @property
+    def batch_multiple(self) -> int:
+        return sharding.batch_parallelism(self.plan, self.mesh)
 
 
 def default_dtype() -> str:
@@ -37,15 +44,23 @@ def default_dtype() -> str:
 
 
 def load(
-    checkpoint: str, dtype: str | None = None, tokenizer: str | None = None, need_tokenizer: bool = False
+    checkpoint: str,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    need_tokenizer: bool = False,
+    plan: str = "single",
 ) -> Loaded:
-    """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta)."""
+    """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta),
+    placed on the devices as the sharding plan says."""
     from llama_jax.convert import load_checkpoint
     from llama_jax.tokenizer import TokenizerError, load_tokenizer
 
+    sharding_plan = sharding.load_plan(plan)
+    mesh = sharding.build_mesh(sharding_plan)
     ckpt = load_checkpoint(checkpoint)
     dt = DTYPES[dtype or default_dtype()]
-    params = jax.tree.map(lambda a: jnp.asarray(a, dt), ckpt.params)
+    placement = sharding.param_shardings(sharding_plan, mesh, ckpt.config)
+    params = sharding.put(jax.tree.map(lambda a: np.asarray(a).astype(dt), ckpt.params), placement)
     tok = None
     where = [tokenizer] if tokenizer else [str(p) for p in ckpt.tokenizer_files] or [checkpoint]
     if tokenizer or ckpt.tokenizer_files or need_tokenizer:
@@ -59,7 +74,7 @@ def load(
             f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's embedding ({ckpt.config.vocab_size})"
         )
     model = Llama(ckpt.config, dtype=dt, param_dtype=dt)
-    return Loaded(ckpt.config, model, params, tok)
+    return Loaded(ckpt.config, model, params, tok, sharding_plan, mesh)
 
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
@@ -94,7 +109,7 @@ def write_atomic(path: str | None, lines: list[str]) -> None:
 
 # -- score -----------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> None:
-    lm = load(args.checkpoint, args.dtype, args.tokenizer)
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding)
     sequences = []
     for n, obj in read_jsonl(args.input):
         if "tokens" in obj:
@@ -115,12 +130,15 @@ def cmd_score(args: argparse.Namespace) -> None:
         if len(toks) > lm.cfg.max_seq_len:
             raise UserError(f"{args.input}:{n}: {len(toks)} tokens exceed the context of {lm.cfg.max_seq_len}")
         sequences.append(toks)
-    results = score(lm.model, lm.params, sequences, batch_size=args.batch_size) if sequences else []
+    batch_size = -(-args.batch_size // lm.batch_multiple) * lm.batch_multiple
+    with sharding.activate(lm.plan, lm.mesh):
+        results = score(lm.model, lm.params, sequences, batch_size=batch_size) if sequences else []
     lines = [
         json.dumps({"tokens": toks, "logprobs": lp.tolist(), "sum_logprob": float(np.sum(lp, dtype=np.float64))})
         for toks, lp in zip(sequences, results, strict=True)
     ]
-    write_atomic(args.output, lines)
+    if jax.process_index() == 0:
+        write_atomic(args.output, lines)
 
 
 # -- generate / chat -------------------------------------------------------------------------
@@ -158,9 +176,65 @@ def fit_context(
     return prompts, min(max_new, ctx - longest)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
+def cmd_compile_only(args: argparse.Namespace) -> None:
+    """Compile prefill and the decode loop for a TPU topology; print per-chip memory."""
+    from llama_jax import aot
+    from llama_jax import generate as gen
+    from llama_jax.config import get_preset
+    from llama_jax.model import init_cache, param_shapes
+
+    if not args.model or not args.topology:
+        raise UserError("--compile-only needs --model PRESET and --topology (e.g. v5e-8)")
+    topology = aot.parse_topology(args.topology)
+    cfg = get_preset(args.model)
+    plan = sharding.load_plan(args.sharding)
+    mesh = sharding.build_mesh(plan, aot.topology_devices(topology))
+    dt = DTYPES[args.dtype or "bfloat16"]
+    model = Llama(cfg, dtype=dt, param_dtype=dt)
+    params = aot.abstract(param_shapes(cfg, dt), sharding.param_shardings(plan, mesh, cfg))
+    multiple = sharding.batch_parallelism(plan, mesh)
+    b = -(-args.batch_size // multiple) * multiple
+    p = gen.bucket(args.prompt_len)
+    row = sharding.batch_sharding(plan, mesh, (b, p))
+    rows_1d = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row.spec[0]))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    vec = lambda dtype: jax.ShapeDtypeStruct((b,), dtype, sharding=rows_1d)  # noqa: E731
+    cache = jax.eval_shape(lambda: init_cache(cfg, b, p + args.max_new_tokens, dt))
+    cache = aot.abstract(cache, sharding.cache_shardings(plan, mesh, cache))
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows_1d)
     sampling = sampling_from(args)
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True)
+    with sharding.activate(plan, mesh):
+        rows = [
+            aot.compile_report(
+                f"prefill {b}x{p}",
+                gen._prefill,
+                (model, params, jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=row), vec(jnp.int32), vec(jnp.uint32)),
+                dict(sampling=sampling, cache_len=p + args.max_new_tokens, cache_dtype=dt),
+                topology,
+            ),
+            aot.compile_report(
+                f"decode {b}x{args.max_new_tokens}",
+                gen._decode_loop,
+                (model, params, vec(jnp.int32), cache, vec(jnp.int32), keys, vec(jnp.bool_)),
+                dict(
+                    stop_ids=jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated),
+                    sampling=sampling,
+                    max_new=args.max_new_tokens,
+                ),
+                topology,
+            ),
+        ]
+    size = f"{cfg.num_params / 1e9:.2f}B"
+    print(f"model {args.model} ({size}), {jnp.dtype(dt).name}, plan {plan.name} {dict(mesh.shape)}")
+    print(aot.format_report(rows))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if args.compile_only:
+        return cmd_compile_only(args)
+    sampling = sampling_from(args)
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
     items: list[tuple[Any, list | None]] = []  # (what to echo as "prompt", chat messages)
     if args.prompt_file:
         for n, obj in read_jsonl(args.prompt_file):
@@ -178,12 +252,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     tokens, max_new = fit_context(lm, tokens, args.max_new_tokens, args.truncate)
-    kw = dict(sampling=sampling, stop_ids=lm.tokenizer.stop_ids, seed=args.seed)
-    if args.stream and not args.json:
-        for toks in tokens:
-            print_stream(lm, stream(lm.model, lm.params, [toks], max_new, **kw))
+    kw = dict(sampling=sampling, stop_ids=lm.tokenizer.stop_ids, seed=args.seed, batch_multiple=lm.batch_multiple)
+    with sharding.activate(lm.plan, lm.mesh):
+        if args.stream and not args.json:
+            for toks in tokens:
+                print_stream(lm, stream(lm.model, lm.params, [toks], max_new, **kw))
+            return
+        completions = generate(lm.model, lm.params, tokens, max_new, **kw)
+    if jax.process_index() != 0:
         return
-    completions = generate(lm.model, lm.params, tokens, max_new, **kw)
     for (prompt, _), c in zip(items, completions, strict=True):
         text = lm.tokenizer.decode(c.tokens)
         if args.json:
@@ -206,17 +283,22 @@ def print_stream(lm: Loaded, steps: Iterator[list[int | None]]) -> list[int]:
     """Print one row's text as it is generated (whole characters only); return its tokens."""
     tokens: list[int] = []
     shown = ""
+    show = jax.process_index() == 0
+
+    def emit(text: str) -> None:
+        if show:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
     for step in steps:
         if step[0] is None:
             break
         tokens.append(step[0])
         text = lm.tokenizer.decode(tokens)
         if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown) :])
-            sys.stdout.flush()
+            emit(text[len(shown) :])
             shown = text
-    sys.stdout.write(lm.tokenizer.decode(tokens)[len(shown) :] + "\n")
-    sys.stdout.flush()
+    emit(lm.tokenizer.decode(tokens)[len(shown) :] + "\n")
     return tokens
 
 
@@ -224,7 +306,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from llama_jax.chat import encode_dialog
 
     sampling = sampling_from(args)
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True)
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -240,8 +322,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
             continue
         messages.append({"role": "user", "content": line})
         prompt, max_new = fit_context(lm, [encode_dialog(lm.tokenizer, messages)], args.max_new_tokens, "left")
-        steps = stream(lm.model, lm.params, prompt, max_new, sampling, lm.tokenizer.stop_ids, args.seed)
-        messages.append({"role": "assistant", "content": lm.tokenizer.decode(print_stream(lm, steps))})
+        with sharding.activate(lm.plan, lm.mesh):
+            steps = stream(lm.model, lm.params, prompt, max_new, sampling, lm.tokenizer.stop_ids, args.seed)
+            reply = print_stream(lm, steps)
+        messages.append({"role": "assistant", "content": lm.tokenizer.decode(reply)})
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -250,10 +334,14 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", required=True, help="Orbax model/run directory, HF or Meta directory")
+        p.add_argument("--checkpoint", help="Orbax model/run directory, HF or Meta directory")
         p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, else bfloat16")
         p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.add_argument("--sharding", default="single", help="plan name in sharding/ or a .toml path")
+        p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
+        p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+        p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
 
     def sampling(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=256)
@@ -279,6 +367,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help="one JSON line per prompt")
     p.add_argument("--truncate", choices=["left"], default=None, help="cut over-long prompts on the left")
+    p.add_argument("--compile-only", action="store_true", help="compile prefill+decode for --topology, print memory")
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only, e.g. v5e-8 or v5p:2x2x1")
+    p.add_argument("--model", default=None, help="model preset for --compile-only (no checkpoint needed)")
+    p.add_argument("--batch-size", type=int, default=8, help="--compile-only batch size")
+    p.add_argument("--prompt-len", type=int, default=2048, help="--compile-only prompt length")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (streams)")
@@ -295,8 +388,13 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--max-new-tokens must be at least 1")
         if getattr(args, "batch_size", 1) < 1:
             raise UserError("--batch-size must be at least 1")
+        if getattr(args, "compile_only", False):
+            return args.func(args)
+        if not args.checkpoint:
+            raise UserError("--checkpoint is required")
         if not Path(args.checkpoint).exists():
             raise UserError(f"checkpoint not found: {args.checkpoint}")
+        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         args.func(args)
 
     return run_cli(run, argv)

@@ -78,16 +78,28 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
-def _dense(features, axis, names, name, dtype, param_dtype) -> nn.DenseGeneral:
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(_init, names),
-        name=name,
-    )
+class Linear(nn.Module):
+    """x @ kernel, contracting the last `in_axes` axes of x with the first of the kernel.
+
+    (flax's DenseGeneral flattens its kernel while initialising, which breaks logical
+    sharding constraints on multi-dimensional kernels.)"""
+
+    features: tuple[int, ...]
+    in_axes: int
+    names: tuple[str, ...]
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (*x.shape[x.ndim - self.in_axes :], *self.features)
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.names), shape, self.param_dtype)
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_axes)
+
+
+def _dense(features, in_axes, names, name, dtype, param_dtype) -> Linear:
+    features = (features,) if isinstance(features, int) else tuple(features)
+    return Linear(features, in_axes, names, dtype, param_dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -101,9 +113,9 @@ class Attention(nn.Module):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         heads = ("batch", "length", "heads", "head_dim")
         kv_heads = ("batch", "length", "kv_heads", "head_dim")
-        q = _dense((c.n_heads, c.head_dim), -1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
-        k = _dense((c.n_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
-        v = _dense((c.n_kv_heads, c.head_dim), -1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
+        q = _dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
+        k = _dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
+        v = _dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads)
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
         v = nn.with_logical_constraint(v, kv_heads)
@@ -116,7 +128,7 @@ class Attention(nn.Module):
             v = nn.with_logical_constraint(v, ("batch", "cache_length", "kv_heads", "head_dim"))
         out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, cache_index, self.implementation)
         out = nn.with_logical_constraint(out, heads)
-        out = _dense(c.dim, (-2, -1), ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
+        out = _dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
         return out, layer_cache
 
 
@@ -128,10 +140,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        gate = _dense(c.ffn_dim, -1, ("embed", "mlp"), "w1", dt, pdt)(x)
-        up = _dense(c.ffn_dim, -1, ("embed", "mlp"), "w3", dt, pdt)(x)
+        gate = _dense(c.ffn_dim, 1, ("embed", "mlp"), "w1", dt, pdt)(x)
+        up = _dense(c.ffn_dim, 1, ("embed", "mlp"), "w3", dt, pdt)(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _dense(c.dim, -1, ("mlp", "embed"), "w2", dt, pdt)(h)
+        return _dense(c.dim, 1, ("mlp", "embed"), "w2", dt, pdt)(h)
 
 
 class Block(nn.Module):
@@ -223,7 +235,7 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = _dense(c.vocab_size, -1, ("embed", "vocab"), "output", dt, pdt)(x)
+            logits = _dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt)(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.model import Llama, Params
+from llama_jax.sharding import to_host
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -39,6 +40,6 @@ def score(model: Llama, params: Params, sequences: Sequence[Sequence[int]], batc
         for i, seq in enumerate(chunk):
             tokens[i, : len(seq)] = seq
             segments[i, : len(seq)] = 1
-        logp = np.asarray(_batch_logprobs(model, params, jnp.asarray(tokens), jnp.asarray(segments)))
+        logp = to_host(_batch_logprobs(model, params, tokens, segments))
         out.extend(logp[i, : len(seq) - 1] for i, seq in enumerate(chunk))
     return out
