@@ -25,11 +25,13 @@ from llama_jax.sharding import to_host
 
 @dataclass(frozen=True)
 class Sampling:
-    """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. vocab_limit
+    (the tokenizer's vocabulary when the embedding is padded beyond it) keeps ids below it."""
 
     temperature: float = 0.6
     top_p: float = 0.9
     top_k: int = 0
+    vocab_limit: int = 0
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -67,6 +69,8 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 def sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
     """logits [B, V], one key per row -> tokens [B]."""
     logits = logits.astype(jnp.float32)
+    if 0 < sampling.vocab_limit < logits.shape[-1]:
+        logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.vocab_limit, logits, -jnp.inf)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)

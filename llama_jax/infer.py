@@ -142,9 +142,9 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 # -- generate / chat -------------------------------------------------------------------------
-def sampling_from(args: argparse.Namespace) -> Sampling:
+def sampling_from(args: argparse.Namespace, vocab_limit: int = 0) -> Sampling:
     try:
-        return Sampling(args.temperature, args.top_p, args.top_k)
+        return Sampling(args.temperature, args.top_p, args.top_k, vocab_limit)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -235,6 +235,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return cmd_compile_only(args)
     sampling = sampling_from(args)
     lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
+    sampling = sampling_from(args, lm.tokenizer.vocab_size)
     items: list[tuple[Any, list | None]] = []  # (what to echo as "prompt", chat messages)
     if args.prompt_file:
         for n, obj in read_jsonl(args.prompt_file):
@@ -307,6 +308,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     sampling = sampling_from(args)
     lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
+    sampling = sampling_from(args, lm.tokenizer.vocab_size)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
