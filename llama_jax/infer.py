@@ -52,29 +52,42 @@ def load(
 ) -> Loaded:
     """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta),
     placed on the devices as the sharding plan says."""
-    from llama_jax.convert import load_checkpoint
+    import orbax.checkpoint as ocp
+
+    from llama_jax.convert import detect_format, load_checkpoint
+    from llama_jax.convert.orbax_ckpt import OrbaxReader
+    from llama_jax.model import param_shapes
     from llama_jax.tokenizer import TokenizerError, load_tokenizer
 
     sharding_plan = sharding.load_plan(plan)
     mesh = sharding.build_mesh(sharding_plan)
-    ckpt = load_checkpoint(checkpoint)
     dt = DTYPES[dtype or default_dtype()]
-    placement = sharding.param_shardings(sharding_plan, mesh, ckpt.config)
-    params = sharding.put(jax.tree.map(lambda a: np.asarray(a).astype(dt), ckpt.params), placement)
+    if detect_format(checkpoint) == "orbax":
+        # Restore straight into the target sharding: each host reads only its shards.
+        reader = OrbaxReader(Path(checkpoint))  # validates config, names and shapes
+        cfg, tokenizer_files = reader.config, reader.tokenizer_files
+        placement = sharding.param_shardings(sharding_plan, mesh, cfg)
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, dt, sharding=sh), param_shapes(cfg), placement
+        )
+        params = ocp.StandardCheckpointer().restore(reader.params, target)
+    else:  # Meta or HF: converted in host memory, then placed
+        ckpt = load_checkpoint(checkpoint)
+        cfg, tokenizer_files = ckpt.config, ckpt.tokenizer_files
+        placement = sharding.param_shardings(sharding_plan, mesh, cfg)
+        params = sharding.put(jax.tree.map(lambda a: np.asarray(a).astype(dt), ckpt.params), placement)
     tok = None
-    where = [tokenizer] if tokenizer else [str(p) for p in ckpt.tokenizer_files] or [checkpoint]
-    if tokenizer or ckpt.tokenizer_files or need_tokenizer:
+    where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
+    if tokenizer or tokenizer_files or need_tokenizer:
         try:
             tok = load_tokenizer(where[0])
         except TokenizerError as e:
             if need_tokenizer:
                 raise UserError(f"no tokenizer found (looked in {', '.join(where)}): {e}") from None
-    if tok is not None and tok.vocab_size > ckpt.config.vocab_size:
-        raise UserError(
-            f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's embedding ({ckpt.config.vocab_size})"
-        )
-    model = Llama(ckpt.config, dtype=dt, param_dtype=dt)
-    return Loaded(ckpt.config, model, params, tok, sharding_plan, mesh)
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's embedding ({cfg.vocab_size})")
+    model = Llama(cfg, dtype=dt, param_dtype=dt)
+    return Loaded(cfg, model, params, tok, sharding_plan, mesh)
 
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:

@@ -1,0 +1,119 @@
+"""Prefill and decode speed against the machine's own rooflines.
+
+Builds a preset with random weights (no download), measures this device's copy bandwidth and
+matmul rate in the same run, then times:
+  - prefill of one 128- and one 2048-token prompt (roofline: FLOPs / matmul rate, or weight
+    bytes / bandwidth if larger),
+  - decode at batch 1 and 64 (roofline: bytes that must be read per step, i.e. weights plus the
+    KV cache of the tokens so far, over the bandwidth).
+
+    python benchmarks/decode.py                          # CPU: tiny preset, small sizes
+    python benchmarks/decode.py --model llama3-8b        # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import get_preset
+from llama_jax.generate import Sampling, _decode_loop, _prefill
+from llama_jax.model import Llama, init_params
+
+
+def timeit(fn, *args, reps: int = 5) -> float:
+    """Median wall time of fn(*args) after one warm-up call, fully synchronised."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(nbytes: int) -> float:
+    """Bytes/s moved by a device copy (counting read + write)."""
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * 1)
+    return 2 * x.nbytes / timeit(f, x)
+
+
+def matmul_rate(n: int) -> float:
+    """bfloat16 FLOP/s of an n x n x n matrix product."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    return 2 * n**3 / timeit(jax.jit(jnp.matmul), a, b)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="preset (default: tiny on CPU, llama3-8b elsewhere)")
+    ap.add_argument("--prompts", default=None, help="prefill lengths, comma separated (default 128,2048)")
+    ap.add_argument("--batches", default="1,64", help="decode batch sizes")
+    ap.add_argument("--context", type=int, default=512, help="prompt length before the timed decode steps")
+    ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    args = ap.parse_args()
+    on_cpu = jax.default_backend() == "cpu"
+    name = args.model or ("tiny" if on_cpu else "llama3-8b")
+    cfg = get_preset(name)
+    prompts = [int(p) for p in (args.prompts or ("128,512" if on_cpu else "128,2048")).split(",")]
+    cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max(prompts) + args.context + args.steps))
+    dt = jnp.bfloat16
+    model = Llama(cfg, dtype=dt, param_dtype=dt)
+    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dt)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    bandwidth = copy_bandwidth(2**28 if on_cpu else 2**32)
+    flops_rate = matmul_rate(1024 if on_cpu else 8192)
+    # Every weight is a matmul except the embedding lookup (a tied embedding is the output matmul).
+    matmul_params = cfg.num_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * jnp.dtype(dt).itemsize
+    greedy = Sampling(temperature=0.0)
+    rows = []
+
+    for p in prompts:
+        tokens = jnp.ones((1, p), jnp.int32)
+        zeros = jnp.zeros((1,), jnp.int32)
+        seeds = jnp.zeros((1,), jnp.uint32)
+        run = partial(_prefill, model, params, sampling=greedy, cache_len=p + 1, cache_dtype=dt)
+        seconds = timeit(run, tokens, zeros, seeds)
+        attn_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * p * p / 2  # causal QK^T and PV
+        flops = 2 * matmul_params * p + attn_flops
+        roof = max(flops / flops_rate, weight_bytes / bandwidth)
+        rows.append((f"prefill {p} tokens", f"{seconds * 1e3:.2f} ms", f"{roof * 1e3:.2f} ms", roof / seconds))
+
+    for b in [int(x) for x in args.batches.split(",")]:
+        p = args.context
+        tokens = jnp.ones((b, p), jnp.int32)
+        zeros = jnp.zeros((b,), jnp.int32)
+        first, cache, keys = _prefill(
+            model, params, tokens, zeros, jnp.zeros((b,), jnp.uint32), sampling=greedy, cache_len=p + args.steps,
+            cache_dtype=dt,
+        )  # fmt: skip
+        lengths = jnp.full((b,), p, jnp.int32)
+        never = jnp.full((1,), -1, jnp.int32)  # no stop token: every step runs
+        done = jnp.zeros((b,), bool)
+        run = partial(_decode_loop, model, params, first, sampling=greedy, max_new=args.steps)
+        seconds = timeit(run, cache, lengths, keys, done, never, reps=3) / (args.steps - 1)
+        mean_context = p + args.steps / 2
+        step_bytes = weight_bytes + b * mean_context * kv_per_token
+        roof = step_bytes / bandwidth
+        rows.append((f"decode batch {b}", f"{b / seconds:,.0f} tok/s", f"{b / roof:,.0f} tok/s", roof / seconds))
+
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    print(f"model: {name}, {cfg.num_params / 1e9:.3f}B params, bfloat16 weights {weight_bytes / 1e9:.3f} GB")
+    print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, bf16 matmul {flops_rate / 1e12:.2f} TFLOP/s")
+    print(f"decode: context {args.context} + {args.steps} steps\n")
+    print("| measurement | measured | roofline | % of roofline |")
+    print("|---|---|---|---|")
+    for name, measured, roof, frac in rows:
+        print(f"| {name} | {measured} | {roof} | {100 * frac:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
