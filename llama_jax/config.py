@@ -213,15 +213,24 @@ def from_meta_params(d: dict, vocab_size: int | None = None) -> LlamaConfig:
             raise ConfigError("params.json has vocab_size -1 and no embedding to read it from")
         theta = float(d.get("rope_theta", 10000.0))
         scaled = bool(d.get("use_scaled_rope", False))
+        ffn = meta_ffn_dim(dim, int(d.get("multiple_of", 256)), d.get("ffn_dim_multiplier"))
+        n_layers, kv_heads = int(d["n_layers"]), int(d.get("n_kv_heads") or heads)
         rope_scaling = None
         if scaled:
-            rope_scaling = RopeScaling(factor=float(d.get("rope_scale_factor", 8.0)))
-        ffn = meta_ffn_dim(dim, int(d.get("multiple_of", 256)), d.get("ffn_dim_multiplier"))
+            # Meta's 3.1/3.2 params.json records no factor (its code assumed 8); a released
+            # shape gets its release's factor (3.2 1B/3B: 32), anything else 8.
+            release = [
+                p.rope_scaling.factor
+                for p in PRESETS.values()
+                if p.rope_scaling and (p.dim, p.n_layers, p.n_heads, p.ffn_dim) == (dim, n_layers, heads, ffn)
+            ]
+            factor = d.get("rope_scaling_factor") or (release[0] if release else 8.0)
+            rope_scaling = RopeScaling(factor=float(factor))
         return LlamaConfig(
             dim=dim,
-            n_layers=int(d["n_layers"]),
+            n_layers=n_layers,
             n_heads=heads,
-            n_kv_heads=int(d.get("n_kv_heads") or heads),
+            n_kv_heads=kv_heads,
             vocab_size=int(vocab),
             ffn_dim=ffn,
             norm_eps=float(d.get("norm_eps", 1e-5)),
@@ -254,8 +263,8 @@ def to_meta_params(cfg: LlamaConfig, n_kv_heads: int | None = None) -> dict:
         d["rope_theta"] = cfg.rope_theta
     if cfg.rope_scaling is not None:
         d["use_scaled_rope"] = True
-        if cfg.rope_scaling.factor != 8.0:
-            d["rope_scale_factor"] = cfg.rope_scaling.factor
+        if cfg.rope_scaling.factor != 8.0:  # Meta's default; llama-models reads this key
+            d["rope_scaling_factor"] = cfg.rope_scaling.factor
     return d
 
 

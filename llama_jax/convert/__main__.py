@@ -1,0 +1,3 @@
+from llama_jax.convert.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""Our model directory: config.json (LlamaConfig.to_dict()), params/ (an Orbax PyTree checkpoint
+of the canonical params pytree, restorable with orbax's StandardCheckpointer/PyTreeCheckpointer)
+and tokenizer files. Also read: a train.py run directory, config.json + checkpoints/ (a
+CheckpointManager root whose steps hold a `params` item); its latest step's params are used.
+
+Orbax saves a pytree in one call with every leaf in memory, and its OCDBT writer buffers a leaf's
+compressed chunks until commit. So the writer has orbax save placeholders instead: zero-strided
+zero arrays of the right shapes and dtypes, which cost no memory and compress to nothing. That
+lays out the whole checkpoint (metadata, array specs, chunking) exactly as orbax does; then each
+tensor is written into its array through TensorStore, one layer at a time, with the spec orbax
+itself uses to read that array. Chunks hold at most 32 MiB and never span two layers, so readers
+fetch one layer at a time too.
+
+Reading also goes through TensorStore one layer at a time (orbax's restore holds a leaf twice).
+A leaf stored in chunks of several layers (orbax's default is one chunk per array, as train.py
+writes) is decoded into TensorStore's cache once and sliced from there: about twice such a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from llama_jax.config import LlamaConfig
+from llama_jax.convert.layout import BY_KEY, stacked_shape, tensors
+from llama_jax.convert.source import (
+    ConvertError,
+    Reader,
+    Source,
+    check_shape,
+    iter_tensors,
+    load_config,
+    set_leaf,
+    write_json,
+)
+
+CHUNK_BYTES = 32 * 2**20
+
+
+def _params_dir(path: Path) -> Path:
+    if (path / "params").is_dir():
+        return path / "params"
+    latest = ocp.step.latest_step_metadata(path / "checkpoints", ocp.step.standard_name_format())
+    if latest is None or not (Path(latest.path) / "params").is_dir():
+        raise ConvertError(f"{path} has neither params/ nor a finished step with params under checkpoints/")
+    return Path(latest.path) / "params"
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {
+        k: v for name, sub in tree.items() for k, v in _flatten(sub, f"{prefix}/{name}" if prefix else name).items()
+    }
+
+
+class _Arrays:
+    """The TensorStore arrays of an orbax PyTree checkpoint directory, one open at a time."""
+
+    def __init__(self, directory: Path, write: bool = False):
+        self.directory, self.write = epath.Path(directory.absolute()), write  # orbax misreads relative paths
+        metadata = ocp.PyTreeCheckpointer().metadata(self.directory).item_metadata
+        if metadata is None:
+            raise ConvertError(f"{directory} is not a readable Orbax checkpoint")
+        self.leaves, self.use_zarr3 = _flatten(dict(metadata.tree)), metadata.use_zarr3
+        self.use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
+        self.context = ocp.type_handlers.get_ts_context(use_ocdbt=self.use_ocdbt)
+        self.key, self.store = None, None
+
+    def __getitem__(self, key: str) -> ts.TensorStore:
+        if key != self.key:
+            self.store = None  # let the previous array and its cache go first
+            info = ocp.type_handlers.ParamInfo(
+                name=self.leaves[key].name,
+                parent_dir=self.directory,
+                use_zarr3=self.use_zarr3,
+                is_ocdbt_checkpoint=self.use_ocdbt,
+                ts_context=self.context,
+            )
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
+            store = ts.open(spec, read=True, write=self.write, context=self.context).result()
+            chunk = store.chunk_layout.read_chunk.shape
+            if BY_KEY[key].per_layer and chunk[0] > 1 and not self.write:
+                cache_bytes = 2 * math.prod(chunk) * store.dtype.numpy_dtype.itemsize
+                cache = ts.Context(ts.Context.Spec({"cache_pool": {"total_bytes_limit": cache_bytes}}), self.context)
+                store = ts.open(spec, read=True, context=cache).result()
+            self.key, self.store = key, store
+        return self.store
+
+
+class OrbaxReader(Reader):
+    format = "orbax"
+
+    def __init__(self, path: Path, cast: np.dtype | None = None):
+        super().__init__(path, load_config(path / "config.json", LlamaConfig.from_dict), cast)
+        self.params = _params_dir(path).absolute()  # the PyTree checkpoint, for orbax's own restore
+        self.arrays = _Arrays(self.params)
+        expected = {t.key: t for t in tensors(self.config)}
+        for key, t in expected.items():
+            if key not in self.arrays.leaves:
+                raise ConvertError(f"parameter {key} is missing from {self.params}")
+            check_shape(f"parameter {key}", self.arrays.leaves[key].shape, stacked_shape(t, self.config))
+        unexpected = set(self.arrays.leaves) - set(expected)
+        if unexpected:
+            raise ConvertError(f"unexpected parameter {sorted(unexpected)[0]} in {self.params}")
+
+    def _read(self, key: str, layer: int | None) -> np.ndarray:
+        store = self.arrays[key]
+        return np.asarray((store if layer is None else store[layer]).read().result())
+
+    def _dtype(self, key: str) -> np.dtype:
+        return np.dtype(self.arrays.leaves[key].dtype)
+
+
+def write_orbax(source: Source, dst: Path, progress: bool = False) -> None:
+    cfg = source.config
+    write_json(dst / "config.json", cfg.to_dict())
+    placeholders, save_args = {}, {}
+    for t in tensors(cfg):
+        set_leaf(placeholders, t.key, np.broadcast_to(np.zeros((), source.dtype(t.key)), stacked_shape(t, cfg)))
+        set_leaf(save_args, t.key, ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if t.per_layer else ()))
+    # deepcopy_host_arrays=False: orbax would otherwise materialise the placeholders.
+    handler = ocp.PyTreeCheckpointHandler(
+        use_zarr3=True,
+        type_handler_registry=ocp.type_handlers.create_type_handler_registry(
+            (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+        ),
+    )
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(
+            epath.Path(dst.absolute() / "params"), args=ocp.args.PyTreeSave(placeholders, save_args=save_args)
+        )
+    arrays = _Arrays(dst / "params", write=True)
+    for t, layer, x in iter_tensors(source, progress):
+        store = arrays[t.key]
+        (store if layer is None else store[layer]).write(x).result()
