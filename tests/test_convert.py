@@ -74,7 +74,7 @@ def hf(tmp_path_factory, make_hf_llama):
 
 
 def convert(src: Path, dst: Path, *args: str) -> Path:
-    main([str(src), str(dst), *args])
+    assert main([str(src), str(dst), *args]) == 0
     return dst
 
 
@@ -417,9 +417,7 @@ def test_bad_input_is_one_error_line(case, hf, tmp_path, capfd):
     dst = tmp_path / "out" / "dst"
     dst.parent.mkdir()
     capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(src), str(dst), *args])
-    assert exit_info.value.code == 2
+    assert main([str(src), str(dst), *args]) == 2
     assert_one_error_line(capfd.readouterr().err, fragment)
     assert_nothing_at(dst)
 
@@ -430,12 +428,10 @@ def test_existing_destination_needs_overwrite(hf, tmp_path, capfd):
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(path), str(dst), "--to", "hf"])
-    assert exit_info.value.code == 2
+    assert main([str(path), str(dst), "--to", "hf"]) == 2
     assert_one_error_line(capfd.readouterr().err, "--overwrite")
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    main([str(path), str(dst), "--to", "hf", "--overwrite"])
+    assert main([str(path), str(dst), "--to", "hf", "--overwrite"]) == 0
     assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
 
 

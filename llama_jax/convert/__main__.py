@@ -1,3 +1,5 @@
+import sys
+
 from llama_jax.convert.cli import main
 
-main()
+sys.exit(main())

@@ -6,32 +6,15 @@ and leaves nothing at DST.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
-from typing import NoReturn
 
-from llama_jax.config import ConfigError
 from llama_jax.convert.checkpoint import FORMATS, open_checkpoint, save_checkpoint
-from llama_jax.convert.source import DTYPES, ConvertError
-
-USER_ERRORS = (ConvertError, ConfigError, OSError, ImportError)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line instead of usage + message
-        _fail(message)
+from llama_jax.convert.source import DTYPES
+from llama_jax.errors import ArgumentParser, run_cli
 
 
-def _fail(message: str, status: int = 2) -> NoReturn:
-    print(f"error: {message}".replace("\n", " "), file=sys.stderr)
-    sys.exit(status)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The console script; argv defaults to sys.argv[1:]."""
-    p = _Parser(prog="llama-jax-convert", description=__doc__.splitlines()[0])
+def convert(argv: list[str]) -> None:
+    p = ArgumentParser(prog="llama-jax-convert", description=__doc__.splitlines()[0])
     p.add_argument("src", help="checkpoint directory to read")
     p.add_argument("dst", help="directory to write (must not exist or be empty, unless --overwrite)")
     p.add_argument("--from", dest="src_format", choices=("auto", *FORMATS), default="auto")
@@ -44,18 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     # Conversion runs on the host: keep JAX (imported by orbax) from probing accelerators, which
     # is slow and, with libtpu installed, prints warnings.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    logging.getLogger("absl").setLevel(logging.DEBUG if args.debug else logging.ERROR)  # orbax's chatter
-    try:
-        source = open_checkpoint(args.src, args.src_format, args.dtype)
-        save_checkpoint(
-            source, args.dst, args.to, model_parallel=args.model_parallel, overwrite=args.overwrite, progress=True
-        )
-    except USER_ERRORS as e:
-        if args.debug:
-            raise
-        _fail(str(e) if not isinstance(e, OSError) or not e.strerror else f"{e.strerror}: {e.filename}")
-    except Exception as e:
-        if args.debug:
-            raise
-        _fail(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback", status=1)
+    source = open_checkpoint(args.src, args.src_format, args.dtype)
+    save_checkpoint(
+        source, args.dst, args.to, model_parallel=args.model_parallel, overwrite=args.overwrite, progress=True
+    )
     print(f"wrote {args.to} checkpoint {args.dst} from {source.format} checkpoint {args.src}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script; argv defaults to sys.argv[1:]."""
+    return run_cli(convert, argv)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.convert.layout import Tensor, items
+from llama_jax.errors import UserError
 
 DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 TOKENIZER_FILES = (
@@ -27,7 +28,7 @@ TOKENIZER_FILES = (
 )
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """Bad input; the CLI reports it as one `error:` line."""
 
 
