@@ -1,0 +1,169 @@
+"""The training configuration: one flat, typed dataclass.
+
+Values come from the defaults below, then a TOML file (`--config run.toml`, flat `key = value`
+lines named like the fields), then command-line flags (`--batch-size 8` sets `batch_size`).
+The defaults train the `tiny` preset on the embedded Python-standard-library corpus in a few
+minutes on a laptop CPU; Llama's own recipe (reference section 8) is noted where it differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama_jax.config import ConfigError, get_preset
+from llama_jax.errors import ArgumentParser
+from llama_jax.model import REMAT_POLICIES
+
+DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
+DTYPES = ("auto", "float32", "bfloat16")
+ATTENTION = ("auto", "xla", "cudnn")
+# Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
+RESUME_FIXED = (
+    "data", "data_format", "data_field", "eval_data", "eval_fraction", "seed", "seq_len", "batch_size",
+    "workers", "shuffle_window",
+)  # fmt: skip
+
+
+def _opt(default, help: str, choices: tuple = ()):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # What to train on, and where to write.
+    model: str = _opt("tiny", "model preset (see llama_jax.config.PRESETS; --init-from sets the model instead)")
+    data: str = _opt("", "comma-separated file globs; empty: the Python standard library of this interpreter")
+    data_format: str = _opt("auto", "how to read --data ('auto': by file extension)", DATA_FORMATS)
+    data_field: str = _opt("text", "the JSONL field / Parquet column holding each document's text")
+    eval_data: str = _opt("", "held-out file globs; empty: hold out --eval-fraction of the documents")
+    eval_fraction: float = _opt(0.02, "share of the documents held out for evaluation when --eval-data is empty")
+    tokenizer: str = _opt("", "tokenizer file or directory; empty: train a SentencePiece BPE on the training data")
+    out: str = _opt("runs/pretrain", "run directory; a run already there is resumed from its latest checkpoint")
+    init_from: str = _opt("", "start from the weights of any checkpoint infer.py can load (sets the model)")
+    stage: str = _opt("pretrain", "training stage (only 'pretrain' is implemented)")
+    shuffle_window: int = _opt(1024, "packed rows shuffled together (a long document fills many rows)")
+    workers: int = _opt(1, "grain worker processes that read and tokenize documents (0: in the main process)")
+    # Steps and batch.
+    steps: int = _opt(300, "optimizer steps")
+    batch_size: int = _opt(8, "sequences per optimizer step (across all processes)")
+    seq_len: int = _opt(128, "tokens per packed sequence")
+    grad_accum: int = _opt(1, "micro-batches per step (the batch is split and gradients are summed)")
+    seed: int = _opt(0, "seed for initialization, data order and the final sample")
+    # Optimizer: AdamW, warmup + cosine (reference section 8; Llama: lr 3e-4 at 7B-8B, 2000 warmup steps).
+    lr: float = _opt(2e-3, "peak learning rate")
+    warmup_steps: int = _opt(30, "linear warmup steps from 0 to --lr")
+    min_lr_ratio: float = _opt(0.1, "cosine decay ends at this fraction of --lr")
+    b1: float = _opt(0.9, "AdamW beta1")
+    b2: float = _opt(0.95, "AdamW beta2")
+    eps: float = _opt(1e-5, "AdamW epsilon")
+    weight_decay: float = _opt(0.1, "AdamW decoupled weight decay")
+    no_decay: tuple[str, ...] = _opt(
+        ("norm", "tok_embeddings"), "comma-separated regexes of parameter paths without weight decay"
+    )
+    clip_norm: float = _opt(1.0, "clip gradients to this global norm (0: off)")
+    z_loss: float = _opt(0.0, "weight of the z-loss, mean of log(Z)^2 (PaLM uses 1e-4; 0: off)")
+    # Compute.
+    dtype: str = _opt("auto", "compute dtype ('auto': bfloat16 on accelerators, float32 on CPU)", DTYPES)
+    remat: str = _opt("none", "activation rematerialization policy per layer", tuple(REMAT_POLICIES))
+    attention: str = _opt("auto", "attention kernel ('auto': cuDNN on GPUs, else XLA)", ATTENTION)
+    loss_chunk: int = _opt(512, "sequence positions per chunk of output logits in the loss")
+    # Logging, evaluation, checkpoints.
+    log_every: int = _opt(10, "steps between metrics lines (their loss is the mean over these steps)")
+    eval_every: int = _opt(50, "steps between held-out evaluations (0: only at the end)")
+    eval_batches: int = _opt(8, "held-out batches per evaluation")
+    save_every: int = _opt(100, "steps between checkpoints (also saved at the end and on SIGTERM)")
+    keep: int = _opt(3, "checkpoints kept")
+    sample_tokens: int = _opt(64, "tokens sampled from the final checkpoint (0: no sample)")
+    sample_prompt: str = _opt("    def __init__(self", "prompt of the final sample")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["choices"] and value not in f.metadata["choices"]:
+                raise ConfigError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {value!r}")
+        positive = (
+            "steps batch_size seq_len grad_accum shuffle_window log_every eval_batches save_every keep loss_chunk"
+        )
+        for name in positive.split():
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in "warmup_steps eval_every workers sample_tokens lr weight_decay z_loss".split():
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch-size {self.batch_size} is not divisible by grad-accum {self.grad_accum}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.stage != "pretrain":
+            raise ConfigError(f"stage {self.stage!r} is not implemented yet; only 'pretrain' is")
+        if not self.init_from:
+            get_preset(self.model)
+
+    def to_toml(self) -> str:
+        """Flat TOML that `--config` reads back (JSON scalars, strings and arrays are valid TOML)."""
+        return "".join(f"{k} = {json.dumps(v)}\n" for k, v in dataclasses.asdict(self).items())
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value):
+    """A TOML value -> the field's type (ints are accepted for floats, lists for tuples)."""
+    hint = _HINTS[name]
+    if hint == tuple[str, ...] and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not hint:
+        raise ConfigError(f"{name} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def load_toml(path: str | Path) -> dict:
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(data) - set(_HINTS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+    return {k: _coerce(k, v) for k, v in data.items()}
+
+
+def _parse_tuple(text: str) -> tuple[str, ...]:
+    return tuple(s for s in text.split(",") if s)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="train.py",
+        description="Pre-train a Llama model. Precedence: defaults < --config TOML < flags.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="TOML file of options (flat keys named like the fields)")
+    parser.add_argument("--debug", action="store_true", help="show a traceback for errors")
+    for f in dataclasses.fields(TrainConfig):
+        hint = _HINTS[f.name]
+        default = ",".join(f.default) if hint == tuple[str, ...] else f.default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_parse_tuple if hint == tuple[str, ...] else hint,
+            choices=f.metadata["choices"] or None,
+            metavar=None if f.metadata["choices"] else f.name.upper(),
+            help=f"{f.metadata['help']} (default: {default!r})",
+        )
+    return parser
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    """Defaults, then the --config TOML, then the flags given on the command line."""
+    args = vars(build_parser().parse_args(argv))
+    args.pop("debug", None)
+    values = load_toml(args.pop("config")) if "config" in args else {}
+    return TrainConfig(**{**values, **args})

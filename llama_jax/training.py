@@ -1,0 +1,466 @@
+"""Pre-training: the train state, a pure train step, evaluation, and the loop around them
+(checkpoints, metrics, preemption, divergence).
+
+`make_train_step(...)` returns `train_step(state, batch) -> (state, metrics)`, a pure function
+with no mesh knowledge: callers jit it with whatever shardings they like. The loss never holds
+the full [B, T, vocab] logits: the output projection runs `loss_chunk` positions at a time
+under `jax.checkpoint`, so the backward pass recomputes each chunk instead of storing it.
+
+A run directory holds config.json (the model's LlamaConfig), train_config.toml (the resolved
+training configuration), tokenizer.model, metrics.jsonl, tensorboard/ and checkpoints/: an
+Orbax CheckpointManager root whose step directories hold the items `params`, `opt_state`,
+`data` (the grain iterator) and `meta` (step, rng).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from llama_jax import data as data_lib
+from llama_jax.config import LlamaConfig, flops_per_token, get_preset
+from llama_jax.convert import load_checkpoint, open_checkpoint
+from llama_jax.errors import UserError
+from llama_jax.generate import Sampling, generate
+from llama_jax.model import Llama, Params, init_params
+from llama_jax.optim import lr_schedule, make_optimizer
+from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.train_config import RESUME_FIXED, TrainConfig, load_toml, parse_args
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+TOKENIZER_LINES = 2_000_000  # lines of training text a tokenizer is trained on, at most
+
+
+class Diverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Params
+    opt_state: optax.OptState
+
+
+def output_kernel(cfg: LlamaConfig, params: Params) -> jax.Array:
+    """The output projection [dim, vocab]: the embedding's transpose when tied."""
+    if cfg.tie_embeddings:
+        return params["tok_embeddings"]["embedding"].T
+    return params["output"]["kernel"]
+
+
+def token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and log-partition log Z per token, [B, T] float32, from hidden states
+    [B, T, D] and the output projection [D, V], making logits for `chunk` positions at a time."""
+    b, t, d = hidden.shape
+    n = -(-t // chunk)
+    hidden = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0))).reshape(b, n, chunk, d)
+    targets = jnp.pad(targets, ((0, 0), (0, n * chunk - t))).reshape(b, n, chunk)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h, tgt = args
+        logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        return log_z - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0], log_z
+
+    xent, log_z = jax.lax.map(one_chunk, (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
+    return xent.swapaxes(0, 1).reshape(b, -1)[:, :t], log_z.swapaxes(0, 1).reshape(b, -1)[:, :t]
+
+
+def loss_sums(
+    model: Llama, params: Params, batch: Batch, loss_chunk: int, z_loss: float = 0.0
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(objective summed over tokens, (cross-entropy sum, token count)); loss_mask weights tokens."""
+    hidden, _ = model.apply(
+        {"params": params},
+        batch["tokens"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        return_hidden=True,
+    )
+    xent, log_z = token_losses(hidden, output_kernel(model.cfg, params), batch["targets"], loss_chunk)
+    weights = batch["loss_mask"].astype(jnp.float32)
+    xent_sum = jnp.sum(xent * weights)
+    return xent_sum + z_loss * jnp.sum(log_z**2 * weights), (xent_sum, jnp.sum(weights))
+
+
+def make_train_step(
+    model: Llama,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    grad_accum: int = 1,
+    loss_chunk: int = 512,
+    z_loss: float = 0.0,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """A pure `train_step(state, batch)`. The batch is split into `grad_accum` micro-batches
+    whose gradients are summed; the loss is the mean over all tokens of the batch either way."""
+    grad_fn = jax.grad(partial(loss_sums, model, loss_chunk=loss_chunk, z_loss=z_loss), has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+        def accumulate(acc, micro_batch):
+            return jax.tree.map(jnp.add, acc, grad_fn(state.params, micro_batch)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.float32(0), jnp.float32(0)))
+        (grads, (xent_sum, tokens)), _ = jax.lax.scan(accumulate, zeros, micro)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(tokens, 1), grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics = {
+            "loss": xent_sum / jnp.maximum(tokens, 1),
+            "grad_norm": optax.tree.norm(grads),
+            "lr": schedule(state.step),
+        }
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model: Llama, loss_chunk: int = 512) -> Callable[[Params, Batch], tuple[jax.Array, jax.Array]]:
+    """`eval_step(params, batch) -> (cross-entropy sum, token count)`."""
+    return lambda params, batch: loss_sums(model, params, batch, loss_chunk)[1]
+
+
+def init_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    params = init_params(cfg, rng, jnp.float32)
+    return TrainState(jnp.int32(0), params, optimizer.init(params))
+
+
+def matmul_flops_per_s(dtype: Any) -> float:
+    """The best of a few timed square matmuls on the default device, in FLOP/s."""
+    n = 1024 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = math.inf
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+class Checkpoints:
+    """The run's Orbax CheckpointManager. Saves are asynchronous and each is reported on stdout
+    once complete; a step directory only appears complete (Orbax renames a temporary directory),
+    and temporary directories left by a killed save are deleted when the next run starts."""
+
+    def __init__(self, run_dir: Path, keep: int):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True
+        )
+        self.mngr = ocp.CheckpointManager(run_dir / "checkpoints", options=options)
+        self.pending: int | None = None  # a step being saved, not yet reported
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, state: TrainState, data_iter: Any, rng: jax.Array) -> None:
+        self.report(wait=True)
+        self.pending = step = int(state.step)
+        self.mngr.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                data=grain.checkpoint.CheckpointSave(data_iter),
+                meta=ocp.args.JsonSave({"step": step, "rng": jax.random.key_data(rng).tolist()}),
+            ),
+        )
+
+    def restore(self, step: int, abstract: TrainState, data_iter: Any) -> TrainState:
+        """The train state of `step`; `data_iter` is moved to where it was then."""
+        restored = self.mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract.params),
+                opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                data=grain.checkpoint.CheckpointRestore(data_iter),
+            ),
+        )
+        return TrainState(jnp.int32(step), restored.params, restored.opt_state)
+
+    def report(self, wait: bool) -> None:
+        """Print "checkpoint saved: step N" once the pending save is complete (`wait`: block)."""
+        if self.pending is not None and (wait or not self.mngr.is_saving_in_progress()):
+            self.mngr.wait_until_finished()
+            print(f"checkpoint saved: step {self.pending}", flush=True)
+            self.pending = None
+
+    def close(self) -> None:
+        self.report(wait=True)
+        self.mngr.close()
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl lines and TensorBoard scalars. Lines past `start_step` (left by a run that
+    was killed after its last checkpoint) are dropped, and TensorBoard purges those steps."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        for name, value in values.items():
+            if isinstance(value, float):  # not the token count and the batch checksum
+                self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def evaluate(eval_step: Callable, params: Params, batches: list) -> float:
+    """Mean cross-entropy (nats per token) over the held-out batches."""
+    sums = np.asarray([jax.device_get(eval_step(params, b)) for b in batches]).sum(axis=0)
+    return float(sums[0] / max(sums[1], 1))
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def _tokenizer_in(directory: Path) -> Path | None:
+    return next((directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()), None)
+
+
+def compute_dtype(name: str) -> Any:
+    """'auto': bfloat16 on accelerators, float32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+def attention_impl(name: str, dtype: Any) -> str:
+    """'auto': the fused cuDNN kernel on GPUs (it takes 16-bit inputs), the XLA reference elsewhere."""
+    if name == "auto":
+        fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if fused else "xla"
+    return name
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can save the current step and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _prepare_run(cfg: TrainConfig, corpus: data_lib.Corpus) -> tuple[LlamaConfig, Path]:
+    """Check the inputs, then write config.json, train_config.toml and the tokenizer to the run
+    directory, so that bad input leaves nothing behind. Returns the model config and the
+    tokenizer file."""
+    out = Path(cfg.out)
+    tokenizer_src = Path(cfg.tokenizer) if cfg.tokenizer else None
+    if cfg.init_from:
+        source = open_checkpoint(cfg.init_from)
+        model_cfg = source.config
+        if tokenizer_src is None and source.tokenizer_files:
+            tokenizer_src = source.tokenizer_files[0]
+    else:
+        model_cfg = get_preset(cfg.model)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"seq-len {cfg.seq_len} exceeds the model's context of {model_cfg.max_seq_len}")
+    if cfg.batch_size % jax.process_count():
+        raise UserError(f"batch-size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
+    if (out / "config.json").exists():
+        if json.loads((out / "config.json").read_text()) != model_cfg.to_dict():
+            raise UserError(f"{out} holds a run of another model; choose another --out")
+        previous = load_toml(out / "train_config.toml")
+        changed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if previous.get(k) != getattr(cfg, k)]
+        if changed:
+            raise UserError(f"{out} was trained with other {', '.join(changed)}; resume with the same values")
+    saved = _tokenizer_in(out)
+    if tokenizer_src is not None:
+        vocab = load_tokenizer(tokenizer_src).vocab_size
+        if vocab > model_cfg.vocab_size:
+            raise UserError(f"the tokenizer has {vocab} tokens, the model only {model_cfg.vocab_size}")
+        tokenizer_src = _tokenizer_in(tokenizer_src) if tokenizer_src.is_dir() else tokenizer_src
+        if saved is not None and saved.read_bytes() != tokenizer_src.read_bytes():
+            raise UserError(f"{out} was trained with another tokenizer, {saved}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+    (out / "train_config.toml").write_text(cfg.to_toml())
+    print(f"configuration (saved to {out / 'train_config.toml'}):\n{cfg.to_toml()}", end="")
+    if saved is None and tokenizer_src is not None:
+        saved = out / ("tokenizer.json" if tokenizer_src.suffix == ".json" else "tokenizer.model")
+        shutil.copyfile(tokenizer_src, saved)
+    elif saved is None:
+        print(f"training a {model_cfg.vocab_size}-token SentencePiece BPE tokenizer on the training documents")
+        lines = data_lib.document_lines(corpus.train, TOKENIZER_LINES)
+        saved = train_sentencepiece(lines, out / "tokenizer.tmp", model_cfg.vocab_size).rename(out / "tokenizer.model")
+        (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
+    return model_cfg, saved
+
+
+def train(cfg: TrainConfig) -> None:
+    """Run, or resume, the training that `cfg` describes: to the last step, or until a SIGTERM,
+    which saves the current step. Raises Diverged on a NaN or infinite loss."""
+    out = Path(cfg.out).absolute()
+    corpus = data_lib.load_corpus(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.data_format, cfg.data_field, cfg.seed)
+    model_cfg, tokenizer_file = _prepare_run(cfg, corpus)
+    tokenizer, tokenizer_path = load_tokenizer(tokenizer_file), str(tokenizer_file)
+    local_batch = cfg.batch_size // jax.process_count()
+    train_ds = data_lib.train_batches(
+        corpus.train, tokenizer_path, cfg.seq_len, local_batch, cfg.seed, cfg.workers, cfg.shuffle_window,
+        jax.process_index(), jax.process_count(),
+    )  # fmt: skip
+    eval_docs = corpus.eval[jax.process_index() :: jax.process_count()]
+    eval_set = data_lib.eval_batches(eval_docs, tokenizer_path, cfg.seq_len, local_batch, cfg.eval_batches)
+    entropy = data_lib.unigram_entropy(eval_set, model_cfg.vocab_size)
+    print(
+        f"{len(corpus.train)} training and {len(corpus.eval)} held-out documents; held-out unigram entropy "
+        f"{entropy:.3f} nats/token over {sum(int(b['loss_mask'].sum()) for b in eval_set)} tokens"
+    )
+
+    dtype = compute_dtype(cfg.dtype)
+    attention = attention_impl(cfg.attention, dtype)
+    model = Llama(model_cfg, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attention_impl=attention)
+    schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)
+    train_step = jax.jit(
+        make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss), donate_argnums=0
+    )
+    eval_step = jax.jit(make_eval_step(model, cfg.loss_chunk))
+    rng = jax.random.key(cfg.seed)
+
+    data_iter = iter(train_ds)
+    checkpoints = Checkpoints(out, cfg.keep)
+    start = checkpoints.latest_step() or 0
+    if start:
+        abstract = jax.eval_shape(partial(init_state, model_cfg, optimizer), rng)
+        state = checkpoints.restore(start, abstract, data_iter)
+        print(f"resumed from the checkpoint at step {start}")
+    elif cfg.init_from:
+        params = jax.tree.map(jnp.asarray, load_checkpoint(cfg.init_from, dtype=np.float32).params)
+        state = TrainState(jnp.int32(0), params, optimizer.init(params))
+        print(f"starting from the weights of {cfg.init_from}")
+    else:
+        state = jax.jit(partial(init_state, model_cfg, optimizer))(rng)
+
+    log = MetricsLog(out, start)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    model_flops = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+    peak = matmul_flops_per_s(dtype)  # of the one device that trains (--sharding comes later)
+    print(
+        f"model {model_cfg.num_params / 1e6:.1f}M parameters, {tokens_per_step} tokens per step, "
+        f"on a {jax.devices()[0].device_kind} ({jax.default_backend()}), compute {jnp.dtype(dtype).name}"
+    )
+
+    def run_eval(step: int) -> None:
+        loss = evaluate(eval_step, state.params, eval_set)
+        log.write(step, {"eval_loss": loss, "eval_ppl": math.exp(loss), "unigram_entropy": entropy})
+        tqdm.write(f"step {step:6d} | held-out loss {loss:.4f} (ppl {math.exp(loss):.1f}, unigram {entropy:.3f})")
+
+    preemption = _Preemption()
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
+    try:
+        mark, marked_steps, losses = time.perf_counter(), 0, []
+        for step in range(start + 1, cfg.steps + 1):
+            batch = next(data_iter)
+            state, metrics = train_step(state, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                last = checkpoints.latest_step()
+                raise Diverged(
+                    f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']} at step {step}; "
+                    + (f"the last good checkpoint is step {last}" if last else "no checkpoint was saved")
+                )
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+            marked_steps += 1
+            losses.append(metrics["loss"])
+            logged = step % cfg.log_every == 0 or step == cfg.steps
+            if logged:
+                seconds = time.perf_counter() - mark
+                metrics |= {
+                    "loss": sum(losses) / len(losses),  # over the steps since the last line
+                    "tokens_per_s": marked_steps * tokens_per_step / seconds,
+                    "mfu": marked_steps * model_flops / seconds / peak,
+                    "tokens": step * tokens_per_step,
+                    "data_crc": zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes()),
+                }
+                log.write(step, metrics)
+                losses = []
+                tqdm.write(
+                    f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                    f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s | "
+                    f"mfu {metrics['mfu']:.1%}"
+                )
+            evaluated = cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps
+            if evaluated:
+                run_eval(step)
+            if step % cfg.save_every == 0 or step == cfg.steps or preemption.requested:
+                checkpoints.save(state, data_iter, rng)
+            if step == start + 1 or logged or evaluated:
+                mark, marked_steps = time.perf_counter(), 0  # rates exclude compilation and evaluation
+            checkpoints.report(wait=preemption.requested)
+            if preemption.requested:
+                print(f"SIGTERM: stopped after saving step {step}")
+                return
+        if start < cfg.steps:
+            run_eval(cfg.steps)
+    finally:
+        bar.close()
+        preemption.restore()
+        checkpoints.close()
+        log.close()
+        data_iter.close()
+
+    if cfg.sample_tokens:
+        params = load_checkpoint(out).params  # as infer.py and the converter read the run
+        sampler = Llama(model_cfg, dtype=dtype, attention_impl=attention)
+        prompt = tokenizer.encode(cfg.sample_prompt, bos=True)
+        sample_len = min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt))
+        completion = generate(sampler, params, [prompt], sample_len, Sampling(), tokenizer.stop_ids, cfg.seed)[0]
+        print(f"sample from the checkpoint at step {cfg.steps}:\n{tokenizer.decode(prompt[1:] + completion.tokens)}")
+
+
+def main(argv: list[str]) -> int:
+    """`train.py`: parse the options and train; exit code 1 when the loss diverges."""
+    try:
+        train(parse_args(argv))
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
