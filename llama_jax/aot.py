@@ -71,7 +71,22 @@ def topology_devices(topology: Topology) -> list:
 def compile_report(label: str, fn: Callable, args: tuple, kwargs: dict, topology: Topology) -> dict:
     """Compile fn (a jitted function) for abstract args carrying shardings; return a row of
     per-chip memory and cost numbers."""
-    compiled = fn.lower(*args, **kwargs).compile()
+    row = {
+        "step": label,
+        "topology": topology.name,
+        "chips": math.prod(topology.shape),
+        "hbm_gib": topology.hbm_bytes / 2**30,
+    }
+    try:
+        compiled = fn.lower(*args, **kwargs).compile()
+    except Exception as e:  # XLA refuses programs that cannot fit: report it as a row
+        needed = re.search(r"RESOURCE_EXHAUSTED.*?\(([\d.]+)G\) exceeds available HBM", str(e))
+        if needed is None:
+            raise
+        nan = float("nan")
+        gib = float(needed.group(1))  # XLA's "G" here is GiB (it reports v5p's 95.74G available)
+        return row | dict(arguments_gib=nan, temporaries_gib=gib, total_gib=gib, fits=False,
+                          tflops_per_chip=nan, hbm_gb_accessed=nan)  # fmt: skip
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -82,14 +97,10 @@ def compile_report(label: str, fn: Callable, args: tuple, kwargs: dict, topology
         + mem.temp_size_in_bytes
         + mem.generated_code_size_in_bytes
     )
-    return {
-        "step": label,
-        "topology": topology.name,
-        "chips": math.prod(topology.shape),
+    return row | {
         "arguments_gib": mem.argument_size_in_bytes / 2**30,
         "temporaries_gib": mem.temp_size_in_bytes / 2**30,
         "total_gib": total / 2**30,
-        "hbm_gib": topology.hbm_bytes / 2**30,
         "fits": total <= topology.hbm_bytes,
         "tflops_per_chip": cost.get("flops", float("nan")) / 1e12,
         "hbm_gb_accessed": cost.get("bytes accessed", float("nan")) / 1e9,

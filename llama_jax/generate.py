@@ -90,6 +90,7 @@ def row_seeds(prompts: Sequence[Sequence[int]], seed: int) -> np.ndarray:
 
 
 def bucket(n: int, minimum: int = 16) -> int:
+    """Round a length up to a power of two, so that new lengths rarely recompile."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
@@ -187,7 +188,8 @@ def _start(model, params, prompts, max_new, sampling, seed, cache_dtype, batch_m
 
 
 def _finish(row: np.ndarray, stop_ids: Sequence[int]) -> Completion:
-    stops = [i for i, t in enumerate(row.tolist()) if t in set(stop_ids)]
+    stop_set = set(stop_ids)
+    stops = [i for i, t in enumerate(row.tolist()) if t in stop_set]
     if stops:
         return Completion(row[: stops[0]].tolist(), "stop")
     return Completion(row.tolist(), "length")

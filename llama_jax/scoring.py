@@ -8,13 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.generate import bucket
 from llama_jax.model import Llama, Params
 from llama_jax.sharding import to_host
-
-
-def _bucket(n: int, minimum: int = 16) -> int:
-    """Round a length up to a power of two so that new lengths rarely recompile."""
-    return max(minimum, 1 << (n - 1).bit_length())
 
 
 def batch_logprobs(model: Llama, params: Params, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:
@@ -34,7 +30,7 @@ def score(model: Llama, params: Params, sequences: Sequence[Sequence[int]], batc
     out: list[np.ndarray] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        length = _bucket(max(len(s) for s in chunk))
+        length = bucket(max(len(s) for s in chunk))
         tokens = np.zeros((batch_size, length), np.int32)
         segments = np.zeros((batch_size, length), np.int32)
         for i, seq in enumerate(chunk):
