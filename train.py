@@ -1,4 +1,4 @@
-"""Pre-train a Llama model; `python train.py --help` lists every option.
+"""Train a Llama model (pre-training, SFT, DPO, LoRA); `python train.py --help` lists every option.
 
 With no arguments it trains the `tiny` preset on this interpreter's standard library, with a
 freshly trained tokenizer, in a few minutes on a CPU, and prints a sample from the checkpoint.

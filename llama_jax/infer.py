@@ -62,8 +62,9 @@ def load(
     sharding_plan = sharding.load_plan(plan)
     mesh = sharding.build_mesh(sharding_plan)
     dt = DTYPES[dtype or default_dtype()]
-    if detect_format(checkpoint) == "orbax":
-        # Restore straight into the target sharding: each host reads only its shards.
+    if detect_format(checkpoint) == "orbax" and not (Path(checkpoint) / "lora.json").is_file():
+        # Restore straight into the target sharding: each host reads only its shards. (A LoRA
+        # run is merged on the host, below.)
         reader = OrbaxReader(Path(checkpoint))  # validates config, names and shapes
         cfg, tokenizer_files = reader.config, reader.tokenizer_files
         placement = sharding.param_shardings(sharding_plan, mesh, cfg)
@@ -393,6 +394,13 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     sampling(p)
     p.set_defaults(func=cmd_chat)
+
+    from llama_jax import sample_best
+
+    p = sub.add_parser("sample-best", help="rejection sampling: the best of K completions per prompt, as SFT data")
+    common(p)
+    sampling(p)
+    sample_best.add_arguments(p)
     return ap
 
 

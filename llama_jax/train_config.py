@@ -23,10 +23,14 @@ from llama_jax.model import REMAT_POLICIES
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
 DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION = ("auto", "xla", "cudnn")
+STAGES = ("pretrain", "sft", "dpo")
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
 RESUME_FIXED = (
     "data", "data_format", "data_field", "eval_data", "eval_fraction", "seed", "seq_len", "batch_size",
     "workers", "shuffle_window",
+    # ... and what the checkpoints hold and are relative to.
+    "stage", "init_from", "lora_rank", "lora_alpha", "lora_targets", "skip_bad_examples",
 )  # fmt: skip
 
 
@@ -46,9 +50,16 @@ class TrainConfig:
     tokenizer: str = _opt("", "tokenizer file or directory; empty: train a SentencePiece BPE on the training data")
     out: str = _opt("runs/pretrain", "run directory; a run already there is resumed from its latest checkpoint")
     init_from: str = _opt("", "start from the weights of any checkpoint infer.py can load (sets the model)")
-    stage: str = _opt("pretrain", "training stage (only 'pretrain' is implemented)")
+    stage: str = _opt("pretrain", "pretrain on documents; sft on chat JSONL; dpo on preference JSONL", STAGES)
     shuffle_window: int = _opt(1024, "packed rows shuffled together (a long document fills many rows)")
     workers: int = _opt(1, "grain worker processes that read and tokenize documents (0: in the main process)")
+    # Post-training (llama_jax/posttrain.py, llama_jax/lora.py).
+    dpo_beta: float = _opt(0.1, "DPO beta: how strongly the policy is held to the reference (the --init-from weights)")
+    lora_rank: int = _opt(0, "LoRA rank: train only low-rank adapters, any stage, from --init-from (0: all weights)")
+    lora_alpha: float = _opt(16.0, "LoRA alpha: the adapters' output is scaled by alpha / rank")
+    lora_dropout: float = _opt(0.0, "LoRA dropout on the adapters' inputs")
+    lora_targets: tuple[str, ...] = _opt(LORA_TARGETS, "comma-separated projections that get LoRA adapters")
+    skip_bad_examples: bool = _opt(False, "sft/dpo: skip and count bad examples instead of stopping at the first")
     # Steps and batch.
     steps: int = _opt(300, "optimizer steps")
     batch_size: int = _opt(8, "sequences per optimizer step (across all processes)")
@@ -73,6 +84,13 @@ class TrainConfig:
     remat: str = _opt("none", "activation rematerialization policy per layer", tuple(REMAT_POLICIES))
     attention: str = _opt("auto", "attention kernel ('auto': cuDNN on GPUs, else XLA)", ATTENTION)
     loss_chunk: int = _opt(512, "sequence positions per chunk of output logits in the loss")
+    # Scale-out.
+    sharding: str = _opt("fsdp", "sharding plan: a name in sharding/ or a .toml path")
+    coordinator: str = _opt("", "multi-host: HOST:PORT of process 0 (pods and SLURM are detected without it)")
+    num_processes: int = _opt(0, "multi-host: number of processes (with --coordinator)")
+    process_id: int = _opt(-1, "multi-host: this process's index (with --coordinator)")
+    compile_only: bool = _opt(False, "compile the train step for --topology, print per-chip memory, and exit")
+    topology: str = _opt("", "TPU slice for --compile-only, e.g. v5p-256 or v5p:4x4x8")
     # Logging, evaluation, checkpoints.
     log_every: int = _opt(10, "steps between metrics lines (their loss is the mean over these steps)")
     eval_every: int = _opt(50, "steps between held-out evaluations (0: only at the end)")
@@ -100,8 +118,18 @@ class TrainConfig:
             raise ConfigError(f"batch-size {self.batch_size} is not divisible by grad-accum {self.grad_accum}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.stage != "pretrain":
-            raise ConfigError(f"stage {self.stage!r} is not implemented yet; only 'pretrain' is")
+        if self.stage != "pretrain" and not self.data:
+            kind = "chat" if self.stage == "sft" else "preference"
+            raise ConfigError(f"--stage {self.stage} needs --data: JSONL files of {kind} examples")
+        if self.stage != "pretrain" and self.data_format not in ("auto", "jsonl"):
+            raise ConfigError(f"--stage {self.stage} reads JSONL data, not --data-format {self.data_format}")
+        if (self.stage == "dpo" or self.lora_rank) and not self.init_from and not self.compile_only:
+            raise ConfigError("DPO and LoRA need --init-from: the checkpoint that is the reference / the base")
+        if not self.dpo_beta > 0 or self.lora_rank < 0 or not self.lora_alpha > 0 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError("need dpo-beta > 0, lora-rank >= 0, lora-alpha > 0 and lora-dropout in [0, 1)")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown or not self.lora_targets:
+            raise ConfigError(f"lora-targets must name some of {', '.join(LORA_TARGETS)}; got {self.lora_targets}")
         if not self.init_from:
             get_preset(self.model)
 
@@ -143,7 +171,7 @@ def _parse_tuple(text: str) -> tuple[str, ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="train.py",
-        description="Pre-train a Llama model. Precedence: defaults < --config TOML < flags.",
+        description="Train a Llama model (pretrain, SFT, DPO; LoRA). Precedence: defaults < --config TOML < flags.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="TOML file of options (flat keys named like the fields)")
@@ -151,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         hint = _HINTS[f.name]
         default = ",".join(f.default) if hint == tuple[str, ...] else f.default
+        if hint is bool:
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, action="store_true", help=f"{f.metadata['help']} (default: {f.default!r})")
+            continue
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=_parse_tuple if hint == tuple[str, ...] else hint,

@@ -9,13 +9,17 @@ under `jax.checkpoint`, so the backward pass recomputes each chunk instead of st
 A run directory holds config.json (the model's LlamaConfig), train_config.toml (the resolved
 training configuration), tokenizer.model, metrics.jsonl, tensorboard/ and checkpoints/: an
 Orbax CheckpointManager root whose step directories hold the items `params`, `opt_state`,
-`data` (the grain iterator) and `meta` (step, rng).
+`data` (the grain iterator) and `meta` (step, rng). A LoRA run saves `adapters` instead of
+`params` and names its base checkpoint in lora.json (see llama_jax/lora.py).
+
+`--stage sft|dpo` and `--lora-rank` run through the same loop and step (llama_jax/posttrain.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import sys
@@ -37,18 +41,23 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from llama_jax import data as data_lib
+from llama_jax import lora, posttrain, sharding
+from llama_jax.chat import encode_dialog
 from llama_jax.config import LlamaConfig, flops_per_token, get_preset
 from llama_jax.convert import load_checkpoint, open_checkpoint
 from llama_jax.errors import UserError
 from llama_jax.generate import Sampling, generate
-from llama_jax.model import Llama, Params, init_params
+from llama_jax.model import Llama, Params, init_params, param_shapes
 from llama_jax.optim import lr_schedule, make_optimizer
+from llama_jax.posttrain import Tuning
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 from llama_jax.train_config import RESUME_FIXED, TrainConfig, load_toml, parse_args
 
 Batch = dict[str, jax.Array]
+BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 Metrics = dict[str, jax.Array]
 TOKENIZER_LINES = 2_000_000  # lines of training text a tokenizer is trained on, at most
+PRETRAIN = Tuning()  # all weights, next-token cross-entropy
 
 
 class Diverged(RuntimeError):
@@ -58,8 +67,9 @@ class Diverged(RuntimeError):
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: Params
+    params: Params  # what the optimizer trains: all the weights, or LoRA adapters
     opt_state: optax.OptState
+    frozen: Params | None = None  # fixed inputs of the step (Tuning.frozen): a LoRA base, a DPO reference
 
 
 def output_kernel(cfg: LlamaConfig, params: Params) -> jax.Array:
@@ -88,10 +98,8 @@ def token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk
     return xent.swapaxes(0, 1).reshape(b, -1)[:, :t], log_z.swapaxes(0, 1).reshape(b, -1)[:, :t]
 
 
-def loss_sums(
-    model: Llama, params: Params, batch: Batch, loss_chunk: int, z_loss: float = 0.0
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """(objective summed over tokens, (cross-entropy sum, token count)); loss_mask weights tokens."""
+def target_losses(model: Llama, params: Params, batch: Batch, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and log Z [B, T] of the batch's targets (`token_losses`)."""
     hidden, _ = model.apply(
         {"params": params},
         batch["tokens"],
@@ -99,10 +107,44 @@ def loss_sums(
         segment_ids=batch["segment_ids"],
         return_hidden=True,
     )
-    xent, log_z = token_losses(hidden, output_kernel(model.cfg, params), batch["targets"], loss_chunk)
+    return token_losses(hidden, output_kernel(model.cfg, params), batch["targets"], loss_chunk)
+
+
+def loss_sums(
+    model: Llama, params: Params, batch: Batch, loss_chunk: int, z_loss: float = 0.0
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """(objective summed over tokens, (cross-entropy sum, token count)); loss_mask weights tokens."""
+    xent, log_z = target_losses(model, params, batch, loss_chunk)
     weights = batch["loss_mask"].astype(jnp.float32)
     xent_sum = jnp.sum(xent * weights)
     return xent_sum + z_loss * jnp.sum(log_z**2 * weights), (xent_sum, jnp.sum(weights))
+
+
+def objective(
+    model: Llama,
+    tuning: Tuning,
+    loss_chunk: int,
+    z_loss: float,
+    trained: Params,
+    frozen: Params | None,
+    batch: Batch,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, Metrics]:
+    """The stage's objective summed over the batch, and metric sums with their "count" (of
+    tokens, or of DPO pairs): the targets' cross-entropy (pretrain, sft) or the DPO loss against
+    the frozen reference. With LoRA, `trained` are the adapters on the frozen base, and `rng`
+    (None: off) draws their dropout."""
+    lcfg = tuning.lora
+    params = trained if lcfg is None else lora.combine(frozen["base"], trained, rng if lcfg.dropout else None)
+    with lora.intercept(lcfg):
+        if tuning.stage != "dpo":
+            total, (xent_sum, count) = loss_sums(model, params, batch, loss_chunk, z_loss)
+            return total, {"loss": xent_sum, "count": count}
+        policy = -target_losses(model, params, batch, loss_chunk)[0]
+    reference = -target_losses(model, frozen["base" if lcfg else "reference"], batch, loss_chunk)[0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    reference = jax.lax.stop_gradient(reference * mask)
+    return posttrain.dpo_sums(policy * mask, reference, batch["segment_ids"], tuning.dpo_beta)
 
 
 def make_train_step(
@@ -112,27 +154,32 @@ def make_train_step(
     grad_accum: int = 1,
     loss_chunk: int = 512,
     z_loss: float = 0.0,
+    tuning: Tuning = PRETRAIN,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """A pure `train_step(state, batch)`. The batch is split into `grad_accum` micro-batches
-    whose gradients are summed; the loss is the mean over all tokens of the batch either way."""
-    grad_fn = jax.grad(partial(loss_sums, model, loss_chunk=loss_chunk, z_loss=z_loss), has_aux=True)
+    whose gradients are summed; the loss is the mean over all tokens (DPO: pairs) of the batch
+    either way. Only `state.params` is differentiated and updated; `state.frozen` passes through."""
+    grad_fn = jax.grad(partial(objective, model, tuning, loss_chunk, z_loss), has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+        rng = jax.random.fold_in(jax.random.key(tuning.seed), state.step)
 
-        def accumulate(acc, micro_batch):
-            return jax.tree.map(jnp.add, acc, grad_fn(state.params, micro_batch)), None
+        def accumulate(acc, xs):
+            i, micro_batch = xs
+            grads_and_sums = grad_fn(state.params, state.frozen, micro_batch, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, acc, grads_and_sums), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), (jnp.float32(0), jnp.float32(0)))
-        (grads, (xent_sum, tokens)), _ = jax.lax.scan(accumulate, zeros, micro)
-        grads = jax.tree.map(lambda g: g / jnp.maximum(tokens, 1), grads)
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, state.frozen, first, rng))
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+        count = jnp.maximum(sums.pop("count"), 1)
+        grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        metrics = {
-            "loss": xent_sum / jnp.maximum(tokens, 1),
-            "grad_norm": optax.tree.norm(grads),
-            "lr": schedule(state.step),
-        }
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state), metrics
+        metrics = {k: v / count for k, v in sums.items()}
+        metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
 
@@ -142,9 +189,59 @@ def make_eval_step(model: Llama, loss_chunk: int = 512) -> Callable[[Params, Bat
     return lambda params, batch: loss_sums(model, params, batch, loss_chunk)[1]
 
 
-def init_state(cfg: LlamaConfig, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    params = init_params(cfg, rng, jnp.float32)
+def make_eval_sums(model: Llama, loss_chunk: int = 512, tuning: Tuning = PRETRAIN) -> Callable[..., Metrics]:
+    """`eval_sums(params, frozen, batch)`: the stage's metric sums with their "count" (no dropout)."""
+    return lambda params, frozen, batch: objective(model, tuning, loss_chunk, 0.0, params, frozen, batch, None)[1]
+
+
+def init_state(
+    cfg: LlamaConfig, optimizer: optax.GradientTransformation, rng: jax.Array, lora_cfg: lora.LoraConfig | None = None
+) -> TrainState:
+    """Random weights, or with `lora_cfg` fresh adapters (the caller adds the frozen base)."""
+    params = init_params(cfg, rng, jnp.float32) if lora_cfg is None else lora.init_adapters(cfg, lora_cfg, rng)
     return TrainState(jnp.int32(0), params, optimizer.init(params))
+
+
+def state_layout(
+    cfg: LlamaConfig,
+    optimizer: optax.GradientTransformation,
+    tuning: Tuning,
+    plan: sharding.Plan,
+    mesh: jax.sharding.Mesh,
+    frozen_dtype: Any,
+) -> tuple[TrainState, TrainState]:
+    """(abstract train state, its shardings): the trained leaves (all weights or LoRA adapters)
+    and their optimizer state, and the frozen weights, sharded like the model's parameters."""
+    param_sh = sharding.param_shardings(plan, mesh, cfg)
+    abstract = jax.eval_shape(partial(init_state, cfg, optimizer, lora_cfg=tuning.lora), jax.random.key(0))
+    trained_sh = param_sh if tuning.lora is None else lora.adapter_shardings(cfg, param_sh, tuning.lora)
+    state_sh = state_shardings(abstract, trained_sh, mesh).replace(frozen=tuning.frozen(param_sh))
+    return abstract.replace(frozen=tuning.frozen(param_shapes(cfg, frozen_dtype))), state_sh
+
+
+def state_shardings(abstract: TrainState, param_shardings: Params, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shardings of the whole train state: every optimizer leaf shaped like a parameter (Adam's
+    moments) is sharded like that parameter; the rest (step, counts) is replicated."""
+    params = {jax.tree_util.keystr(p): (leaf.shape, s) for (p, leaf), s in zip(
+        jax.tree_util.tree_leaves_with_path(abstract.params), jax.tree.leaves(param_shardings), strict=True
+    )}  # fmt: skip
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        match = [s for p, (shape, s) in params.items() if key.endswith(p) and shape == leaf.shape]
+        return match[0] if match else replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
+
+
+def batch_shardings(plan: sharding.Plan, mesh: jax.sharding.Mesh, shape: tuple[int, int]) -> dict:
+    return dict.fromkeys(BATCH_KEYS, sharding.batch_sharding(plan, mesh, shape))
+
+
+def global_batch(local: dict, shardings: dict) -> Batch:
+    """This process's rows -> global arrays (each process holds its share of the batch)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k])) for k in BATCH_KEYS}
 
 
 def matmul_flops_per_s(dtype: Any) -> float:
@@ -169,7 +266,8 @@ class Checkpoints:
     once complete; a step directory only appears complete (Orbax renames a temporary directory),
     and temporary directories left by a killed save are deleted when the next run starts."""
 
-    def __init__(self, run_dir: Path, keep: int):
+    def __init__(self, run_dir: Path, keep: int, item: str = "params"):
+        self.item = item  # what state.params is saved as: "params", or "adapters" (LoRA)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True
         )
@@ -185,7 +283,7 @@ class Checkpoints:
         self.mngr.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
+                **{self.item: ocp.args.StandardSave(state.params)},
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 data=grain.checkpoint.CheckpointSave(data_iter),
                 meta=ocp.args.JsonSave({"step": step, "rng": jax.random.key_data(rng).tolist()}),
@@ -197,12 +295,12 @@ class Checkpoints:
         restored = self.mngr.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract.params),
+                **{self.item: ocp.args.StandardRestore(abstract.params)},
                 opt_state=ocp.args.StandardRestore(abstract.opt_state),
                 data=grain.checkpoint.CheckpointRestore(data_iter),
             ),
         )
-        return TrainState(jnp.int32(step), restored.params, restored.opt_state)
+        return TrainState(jnp.int32(step), restored[self.item], restored.opt_state)
 
     def report(self, wait: bool) -> None:
         """Print "checkpoint saved: step N" once the pending save is complete (`wait`: block)."""
@@ -243,10 +341,12 @@ class MetricsLog:
         self.tb.close()
 
 
-def evaluate(eval_step: Callable, params: Params, batches: list) -> float:
-    """Mean cross-entropy (nats per token) over the held-out batches."""
-    sums = np.asarray([jax.device_get(eval_step(params, b)) for b in batches]).sum(axis=0)
-    return float(sums[0] / max(sums[1], 1))
+def evaluate(eval_sums: Callable, state: TrainState, batches: list) -> dict[str, float]:
+    """Metric means over the held-out batches ("loss": nats per token, or DPO loss per pair)."""
+    sums = [jax.device_get(eval_sums(state.params, state.frozen, b)) for b in batches]
+    totals = {k: float(np.sum([s[k] for s in sums], dtype=np.float64)) for k in sums[0]}
+    count = max(totals.pop("count"), 1)
+    return {k: v / count for k, v in totals.items()}
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -285,10 +385,12 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def _prepare_run(cfg: TrainConfig, corpus: data_lib.Corpus) -> tuple[LlamaConfig, Path]:
+def _prepare_run(
+    cfg: TrainConfig, corpus: data_lib.Corpus | None
+) -> tuple[LlamaConfig, Path, posttrain.Examples | None]:
     """Check the inputs, then write config.json, train_config.toml and the tokenizer to the run
-    directory, so that bad input leaves nothing behind. Returns the model config and the
-    tokenizer file."""
+    directory, so that bad input leaves nothing behind. Returns the model config, the tokenizer
+    file and, for sft/dpo (no corpus), the checked examples."""
     out = Path(cfg.out)
     tokenizer_src = Path(cfg.tokenizer) if cfg.tokenizer else None
     if cfg.init_from:
@@ -317,6 +419,14 @@ def _prepare_run(cfg: TrainConfig, corpus: data_lib.Corpus) -> tuple[LlamaConfig
         tokenizer_src = _tokenizer_in(tokenizer_src) if tokenizer_src.is_dir() else tokenizer_src
         if saved is not None and saved.read_bytes() != tokenizer_src.read_bytes():
             raise UserError(f"{out} was trained with another tokenizer, {saved}")
+    examples = None
+    if corpus is None:  # sft/dpo: every example is read and checked before anything is written
+        if tokenizer_src is None and saved is None:
+            raise UserError(f"--stage {cfg.stage} needs a chat tokenizer: --tokenizer, or --init-from a model with one")
+        examples = posttrain.load_examples(
+            cfg.stage, cfg.data, cfg.eval_data, cfg.eval_fraction, load_tokenizer(tokenizer_src or saved),
+            cfg.seq_len, cfg.seed, cfg.skip_bad_examples,
+        )  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
@@ -330,26 +440,44 @@ def _prepare_run(cfg: TrainConfig, corpus: data_lib.Corpus) -> tuple[LlamaConfig
         lines = data_lib.document_lines(corpus.train, TOKENIZER_LINES)
         saved = train_sentencepiece(lines, out / "tokenizer.tmp", model_cfg.vocab_size).rename(out / "tokenizer.model")
         (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
-    return model_cfg, saved
+    return model_cfg, saved, examples
 
 
 def train(cfg: TrainConfig) -> None:
     """Run, or resume, the training that `cfg` describes: to the last step, or until a SIGTERM,
     which saves the current step. Raises Diverged on a NaN or infinite loss."""
     out = Path(cfg.out).absolute()
-    corpus = data_lib.load_corpus(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.data_format, cfg.data_field, cfg.seed)
-    model_cfg, tokenizer_file = _prepare_run(cfg, corpus)
+    tuning = Tuning.from_config(cfg)
+    corpus = None
+    if cfg.stage == "pretrain":
+        corpus = data_lib.load_corpus(
+            cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.data_format, cfg.data_field, cfg.seed
+        )
+    model_cfg, tokenizer_file, examples = _prepare_run(cfg, corpus)
+    if tuning.lora is not None:
+        lora.save_run_config(out, tuning.lora, cfg.init_from)
     tokenizer, tokenizer_path = load_tokenizer(tokenizer_file), str(tokenizer_file)
     local_batch = cfg.batch_size // jax.process_count()
-    train_ds = data_lib.train_batches(
-        corpus.train, tokenizer_path, cfg.seq_len, local_batch, cfg.seed, cfg.workers, cfg.shuffle_window,
-        jax.process_index(), jax.process_count(),
-    )  # fmt: skip
-    eval_docs = corpus.eval[jax.process_index() :: jax.process_count()]
-    eval_set = data_lib.eval_batches(eval_docs, tokenizer_path, cfg.seq_len, local_batch, cfg.eval_batches)
+    if corpus is not None:
+        train_ds = data_lib.train_batches(
+            corpus.train, tokenizer_path, cfg.seq_len, local_batch, cfg.seed, cfg.workers, cfg.shuffle_window,
+            jax.process_index(), jax.process_count(),
+        )  # fmt: skip
+        eval_docs = corpus.eval[jax.process_index() :: jax.process_count()]
+        eval_set = data_lib.eval_batches(eval_docs, tokenizer_path, cfg.seq_len, local_batch, cfg.eval_batches)
+        counts = f"{len(corpus.train)} training and {len(corpus.eval)} held-out documents"
+    else:
+        train_ds = posttrain.train_batches(
+            examples.train, cfg.stage, cfg.seq_len, local_batch, cfg.seed, jax.process_index(), jax.process_count()
+        )
+        eval_examples = examples.eval[jax.process_index() :: jax.process_count()]
+        eval_set = posttrain.eval_batches(eval_examples, cfg.stage, cfg.seq_len, local_batch, cfg.eval_batches)
+        counts = f"{len(examples.train)} training and {len(examples.eval)} held-out {cfg.stage} examples"
+        if examples.skipped:
+            counts += f" ({examples.skipped} bad ones skipped; the first: {examples.first_skipped})"
     entropy = data_lib.unigram_entropy(eval_set, model_cfg.vocab_size)
     print(
-        f"{len(corpus.train)} training and {len(corpus.eval)} held-out documents; held-out unigram entropy "
+        f"{counts}; held-out unigram entropy "
         f"{entropy:.3f} nats/token over {sum(int(b['loss_mask'].sum()) for b in eval_set)} tokens"
     )
 
@@ -358,108 +486,191 @@ def train(cfg: TrainConfig) -> None:
     model = Llama(model_cfg, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attention_impl=attention)
     schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)
-    train_step = jax.jit(
-        make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss), donate_argnums=0
-    )
-    eval_step = jax.jit(make_eval_step(model, cfg.loss_chunk))
     rng = jax.random.key(cfg.seed)
+    plan = sharding.load_plan(cfg.sharding)
+    mesh = sharding.build_mesh(plan)
+    abstract, state_sh = state_layout(model_cfg, optimizer, tuning, plan, mesh, dtype)
+    batch_sh = batch_shardings(plan, mesh, (cfg.batch_size, cfg.seq_len))
+    train_step = jax.jit(
+        make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss, tuning),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_sums(model, cfg.loss_chunk, tuning), in_shardings=(state_sh.params, state_sh.frozen, batch_sh)
+    )
+    print(f"sharding plan {plan.name}: mesh {dict(mesh.shape)} over {jax.device_count()} devices")
 
     data_iter = iter(train_ds)
-    checkpoints = Checkpoints(out, cfg.keep)
+    checkpoints = Checkpoints(out, cfg.keep, "params" if tuning.lora is None else "adapters")
     start = checkpoints.latest_step() or 0
-    if start:
-        abstract = jax.eval_shape(partial(init_state, model_cfg, optimizer), rng)
-        state = checkpoints.restore(start, abstract, data_iter)
-        print(f"resumed from the checkpoint at step {start}")
-    elif cfg.init_from:
-        params = jax.tree.map(jnp.asarray, load_checkpoint(cfg.init_from, dtype=np.float32).params)
-        state = TrainState(jnp.int32(0), params, optimizer.init(params))
-        print(f"starting from the weights of {cfg.init_from}")
-    else:
-        state = jax.jit(partial(init_state, model_cfg, optimizer))(rng)
+    with sharding.activate(plan, mesh):
+        start_params = None  # the --init-from weights: where training starts, or the LoRA base / DPO reference
+        if cfg.init_from and (not start or state_sh.frozen is not None):
+            start_dtype = np.float32 if tuning.lora is None else np.dtype(dtype)  # a LoRA base is never trained
+            start_params = load_checkpoint(cfg.init_from, dtype=start_dtype).params
+        if start:  # restored straight into this run's shardings, whatever mesh saved it
+            target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, state_sh)
+            state = checkpoints.restore(start, target, data_iter)
+            state = state.replace(step=sharding.put(np.int32(start), state_sh.step))
+            print(f"resumed from the checkpoint at step {start}")
+        elif cfg.init_from and tuning.lora is None:
+            params = sharding.put(start_params, state_sh.params)
+            opt_state = jax.jit(optimizer.init, out_shardings=state_sh.opt_state)(params)
+            state = TrainState(sharding.put(np.int32(0), state_sh.step), params, opt_state)
+            print(f"starting from the weights of {cfg.init_from}")
+        else:  # random weights or fresh LoRA adapters, created already sharded
+            init = partial(init_state, model_cfg, optimizer, lora_cfg=tuning.lora)
+            state = jax.jit(init, out_shardings=state_sh.replace(frozen=None))(rng)
+        if state_sh.frozen is not None:  # the LoRA base as loaded; a DPO reference as a copy in the compute dtype
+            fixed = start_params if tuning.lora else jax.tree.map(lambda x: np.asarray(x).astype(dtype), start_params)
+            state = state.replace(frozen=sharding.put(tuning.frozen(fixed), state_sh.frozen))
+            if tuning.lora is not None:
+                print(f"training rank-{tuning.lora.rank} LoRA adapters of {', '.join(tuning.lora.targets)}")
+    if jax.process_count() > 1:  # every process must run the same number of sharded eval steps
+        from jax.experimental import multihost_utils
+
+        eval_set = eval_set[: int(multihost_utils.process_allgather(np.int32(len(eval_set))).min())]
+    eval_set = [global_batch(b, batch_sh) for b in eval_set]
 
     log = MetricsLog(out, start)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     model_flops = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
-    peak = matmul_flops_per_s(dtype)  # of the one device that trains (--sharding comes later)
+    peak = matmul_flops_per_s(dtype) * jax.device_count()
     print(
         f"model {model_cfg.num_params / 1e6:.1f}M parameters, {tokens_per_step} tokens per step, "
         f"on a {jax.devices()[0].device_kind} ({jax.default_backend()}), compute {jnp.dtype(dtype).name}"
     )
 
     def run_eval(step: int) -> None:
-        loss = evaluate(eval_step, state.params, eval_set)
+        means = evaluate(eval_step, state, eval_set)
+        loss = means.pop("loss")
+        if cfg.stage == "dpo":
+            log.write(step, {"eval_loss": loss, **{f"eval_{k}": v for k, v in means.items()}})
+            accuracy, margin = means["reward_accuracy"], means["reward_margin"]
+            tqdm.write(f"step {step:6d} | held-out DPO loss {loss:.4f}, accuracy {accuracy:.3f}, margin {margin:.3f}")
+            return
         log.write(step, {"eval_loss": loss, "eval_ppl": math.exp(loss), "unigram_entropy": entropy})
         tqdm.write(f"step {step:6d} | held-out loss {loss:.4f} (ppl {math.exp(loss):.1f}, unigram {entropy:.3f})")
 
     preemption = _Preemption()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
-    try:
-        mark, marked_steps, losses = time.perf_counter(), 0, []
-        for step in range(start + 1, cfg.steps + 1):
-            batch = next(data_iter)
-            state, metrics = train_step(state, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-                last = checkpoints.latest_step()
-                raise Diverged(
-                    f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']} at step {step}; "
-                    + (f"the last good checkpoint is step {last}" if last else "no checkpoint was saved")
-                )
-            bar.update()
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-            marked_steps += 1
-            losses.append(metrics["loss"])
-            logged = step % cfg.log_every == 0 or step == cfg.steps
-            if logged:
-                seconds = time.perf_counter() - mark
-                metrics |= {
-                    "loss": sum(losses) / len(losses),  # over the steps since the last line
-                    "tokens_per_s": marked_steps * tokens_per_step / seconds,
-                    "mfu": marked_steps * model_flops / seconds / peak,
-                    "tokens": step * tokens_per_step,
-                    "data_crc": zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes()),
-                }
-                log.write(step, metrics)
-                losses = []
-                tqdm.write(
-                    f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                    f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s | "
-                    f"mfu {metrics['mfu']:.1%}"
-                )
-            evaluated = cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps
-            if evaluated:
-                run_eval(step)
-            if step % cfg.save_every == 0 or step == cfg.steps or preemption.requested:
-                checkpoints.save(state, data_iter, rng)
-            if step == start + 1 or logged or evaluated:
-                mark, marked_steps = time.perf_counter(), 0  # rates exclude compilation and evaluation
-            checkpoints.report(wait=preemption.requested)
-            if preemption.requested:
-                print(f"SIGTERM: stopped after saving step {step}")
-                return
-        if start < cfg.steps:
-            run_eval(cfg.steps)
-    finally:
-        bar.close()
-        preemption.restore()
-        checkpoints.close()
-        log.close()
-        data_iter.close()
+    with sharding.activate(plan, mesh):
+        try:
+            mark, marked_steps, losses = time.perf_counter(), 0, []
+            for step in range(start + 1, cfg.steps + 1):
+                batch = next(data_iter)
+                state, metrics = train_step(state, global_batch(batch, batch_sh))
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    last = checkpoints.latest_step()
+                    raise Diverged(
+                        f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']} at step {step}; "
+                        + (f"the last good checkpoint is step {last}" if last else "no checkpoint was saved")
+                    )
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+                marked_steps += 1
+                losses.append(metrics["loss"])
+                logged = step % cfg.log_every == 0 or step == cfg.steps
+                if logged:
+                    seconds = time.perf_counter() - mark
+                    metrics |= {
+                        "loss": sum(losses) / len(losses),  # over the steps since the last line
+                        "tokens_per_s": marked_steps * tokens_per_step / seconds,
+                        "mfu": marked_steps * model_flops / seconds / peak,
+                        "tokens": step * tokens_per_step,
+                        "data_crc": zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes()),
+                    }
+                    log.write(step, metrics)
+                    losses = []
+                    tqdm.write(
+                        f"step {step:6d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
+                        f"grad norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s | "
+                        f"mfu {metrics['mfu']:.1%}"
+                    )
+                evaluated = cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps
+                if evaluated:
+                    run_eval(step)
+                if step % cfg.save_every == 0 or step == cfg.steps or preemption.requested:
+                    checkpoints.save(state, data_iter, rng)
+                if step == start + 1 or logged or evaluated:
+                    mark, marked_steps = time.perf_counter(), 0  # rates exclude compilation and evaluation
+                checkpoints.report(wait=preemption.requested)
+                if preemption.requested:
+                    print(f"SIGTERM: stopped after saving step {step}")
+                    return
+            if start < cfg.steps:
+                run_eval(cfg.steps)
+        finally:
+            bar.close()
+            preemption.restore()
+            checkpoints.close()
+            log.close()
+            data_iter.close()
 
     if cfg.sample_tokens:
         params = load_checkpoint(out).params  # as infer.py and the converter read the run
         sampler = Llama(model_cfg, dtype=dtype, attention_impl=attention)
         prompt = tokenizer.encode(cfg.sample_prompt, bos=True)
+        if cfg.stage != "pretrain":  # a chat reply
+            prompt = encode_dialog(tokenizer, [{"role": "user", "content": cfg.sample_prompt}])
         sample_len = min(cfg.sample_tokens, model_cfg.max_seq_len - len(prompt))
         completion = generate(sampler, params, [prompt], sample_len, Sampling(), tokenizer.stop_ids, cfg.seed)[0]
-        print(f"sample from the checkpoint at step {cfg.steps}:\n{tokenizer.decode(prompt[1:] + completion.tokens)}")
+        text = tokenizer.decode(prompt[1:] + completion.tokens)
+        if cfg.stage != "pretrain":
+            text = f"{cfg.sample_prompt}\n> {tokenizer.decode(completion.tokens)}"
+        print(f"sample from the checkpoint at step {cfg.steps}:\n{text}")
+
+
+def compile_train_step(cfg: TrainConfig) -> None:
+    """Compile the real train step (forward, backward, AdamW) for a TPU topology on this machine
+    and print per-chip memory and XLA's cost estimate: find out-of-memory before a pod is allocated."""
+    from llama_jax import aot
+
+    if not cfg.topology:
+        raise UserError("--compile-only needs --topology (e.g. v5p-8, v5p-256 or v5p:2x2x1)")
+    topology = aot.parse_topology(cfg.topology)
+    model_cfg = open_checkpoint(cfg.init_from).config if cfg.init_from else get_preset(cfg.model)
+    dtype = jnp.bfloat16 if cfg.dtype == "auto" else jnp.dtype(cfg.dtype)  # the accelerator's compute dtype
+    model = Llama(model_cfg, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attention_impl="xla")
+    schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)
+    plan = sharding.load_plan(cfg.sharding)
+    mesh = sharding.build_mesh(plan, aot.topology_devices(topology))
+    tuning = Tuning.from_config(cfg)
+    abstract, state_sh = state_layout(model_cfg, optimizer, tuning, plan, mesh, dtype)
+    batch_sh = batch_shardings(plan, mesh, (cfg.batch_size, cfg.seq_len))
+    step = jax.jit(
+        make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss, tuning),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+    batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=s) for k, s in batch_sh.items()}
+    with sharding.activate(plan, mesh):
+        row = aot.compile_report("train step", step, (aot.abstract(abstract, state_sh), batch), {}, topology)
+    print(
+        f"model {cfg.model} ({model_cfg.num_params / 1e9:.2f}B), batch {cfg.batch_size} x {cfg.seq_len}, "
+        f"compute {jnp.dtype(dtype).name}, remat {cfg.remat}, plan {plan.name} {dict(mesh.shape)}"
+    )
+    print(aot.format_report([row]))
 
 
 def main(argv: list[str]) -> int:
     """`train.py`: parse the options and train; exit code 1 when the loss diverges."""
+    cfg = parse_args(argv)
+    if cfg.compile_only:
+        compile_train_step(cfg)
+        return 0
+    sharding.initialize_distributed(
+        cfg.coordinator or None, cfg.num_processes or None, cfg.process_id if cfg.process_id >= 0 else None
+    )
+    if jax.process_index() != 0:  # one process speaks for the run
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
-        train(parse_args(argv))
+        train(cfg)
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -229,7 +229,7 @@ def test_config_toml_then_flags(tmp_path):
         ('steps = "3"', "steps must be of type int"),
         ("steps = 0", "steps must be positive"),
         ('model = "llama9"', "unknown model preset"),
-        ('stage = "sft"', "not implemented yet"),
+        ('stage = "sft"', "needs --data"),
         ("batch_size = 6\ngrad_accum = 4", "not divisible"),
     ],
 )

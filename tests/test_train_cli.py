@@ -143,7 +143,7 @@ BAD_INPUT = {
     "zero steps": (["--steps", "0"], "steps must be positive"),
     "negative steps": (["--steps", "-3"], "steps must be positive"),
     "unreadable data": (["--data", "{tmp}/bad.parquet"], "cannot read Parquet"),
-    "stage": (["--stage", "sft"], "not implemented yet"),
+    "stage": (["--stage", "sft"], "needs --data"),
     "bad flag value": (["--batch-size", "many"], "invalid int value"),
     "long sequences": (["--seq-len", "4096"], "exceeds the model's context"),
 }

@@ -65,11 +65,12 @@ def open_checkpoint(path: str | os.PathLike, fmt: str = "auto", dtype: Any = Non
     # Imported on use: torch (Meta files) is an optional dependency, jax and orbax are slow to import.
     from llama_jax.convert.hf import HFReader
     from llama_jax.convert.meta import MetaReader
-    from llama_jax.convert.orbax_ckpt import OrbaxReader
+    from llama_jax.convert.orbax_ckpt import LoraRunReader, OrbaxReader
 
     path = Path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
-    readers = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
+    lora_run = (path / "lora.json").is_file()  # a LoRA run reads as its base with the adapters merged
+    readers = {"meta": MetaReader, "hf": HFReader, "orbax": LoraRunReader if lora_run else OrbaxReader}
     if fmt not in readers:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not path.is_dir():

@@ -2,6 +2,8 @@
 of the canonical params pytree, restorable with orbax's StandardCheckpointer/PyTreeCheckpointer)
 and tokenizer files. Also read: a train.py run directory, config.json + checkpoints/ (a
 CheckpointManager root whose steps hold a `params` item); its latest step's params are used.
+A LoRA run (lora.json, steps holding an `adapters` item) reads as its base checkpoint with the
+latest adapters merged in (`LoraRunReader`), so every export of it gets merged weights.
 
 Orbax saves a pytree in one call with every leaf in memory, and its OCDBT writer buffers a leaf's
 compressed chunks until commit. So the writer has orbax save placeholders instead: zero-strided
@@ -27,7 +29,7 @@ import tensorstore as ts
 from etils import epath
 
 from llama_jax.config import LlamaConfig
-from llama_jax.convert.layout import BY_KEY, stacked_shape, tensors
+from llama_jax.convert.layout import stacked_shape, tensors
 from llama_jax.convert.source import (
     ConvertError,
     Reader,
@@ -42,13 +44,13 @@ from llama_jax.convert.source import (
 CHUNK_BYTES = 32 * 2**20
 
 
-def _params_dir(path: Path) -> Path:
-    if (path / "params").is_dir():
-        return path / "params"
+def _params_dir(path: Path, item: str = "params") -> Path:
+    if (path / item).is_dir():
+        return path / item
     latest = ocp.step.latest_step_metadata(path / "checkpoints", ocp.step.standard_name_format())
-    if latest is None or not (Path(latest.path) / "params").is_dir():
-        raise ConvertError(f"{path} has neither params/ nor a finished step with params under checkpoints/")
-    return Path(latest.path) / "params"
+    if latest is None or not (Path(latest.path) / item).is_dir():
+        raise ConvertError(f"{path} has neither {item}/ nor a finished step with {item} under checkpoints/")
+    return Path(latest.path) / item
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -85,7 +87,7 @@ class _Arrays:
             spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self.use_ocdbt)
             store = ts.open(spec, read=True, write=self.write, context=self.context).result()
             chunk = store.chunk_layout.read_chunk.shape
-            if BY_KEY[key].per_layer and chunk[0] > 1 and not self.write:
+            if key.startswith("layers/") and chunk[0] > 1 and not self.write:  # a per-layer leaf
                 cache_bytes = 2 * math.prod(chunk) * store.dtype.numpy_dtype.itemsize
                 cache = ts.Context(ts.Context.Spec({"cache_pool": {"total_bytes_limit": cache_bytes}}), self.context)
                 store = ts.open(spec, read=True, context=cache).result()
@@ -115,6 +117,50 @@ class OrbaxReader(Reader):
 
     def _dtype(self, key: str) -> np.dtype:
         return np.dtype(self.arrays.leaves[key].dtype)
+
+
+class LoraRunReader(Reader):
+    """A LoRA run directory: the base checkpoint named in lora.json (any format), each targeted
+    kernel merged with the latest step's adapters (kernel + alpha/rank * A @ B in float32, then
+    the base's dtype). The adapters are small and read whole."""
+
+    format = "orbax"
+
+    def __init__(self, path: Path, cast: np.dtype | None = None):
+        from llama_jax import lora
+        from llama_jax.convert.checkpoint import open_checkpoint
+
+        super().__init__(path, load_config(path / "config.json", LlamaConfig.from_dict), cast)
+        try:
+            self.lora, base = lora.load_run_config(path)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConvertError(f"unreadable {path / lora.CONFIG_FILE}: {e}") from None
+        if not base.is_dir():
+            raise ConvertError(f"the base checkpoint of LoRA run {path}, {base} (see lora.json), is missing")
+        self.base = open_checkpoint(base)
+        if self.base.config != self.config:
+            raise ConvertError(f"the base checkpoint {base} is not the model of LoRA run {path}")
+        arrays = _Arrays(_params_dir(path, "adapters"))
+        self.adapters = {}
+        for key, shape in lora.adapter_shapes(self.config, self.lora).items():
+            if key not in arrays.leaves:
+                raise ConvertError(f"adapter {key} is missing from {arrays.directory}")
+            check_shape(f"adapter {key}", arrays.leaves[key].shape, shape)
+            self.adapters[key] = np.asarray(arrays[key].read().result())
+        self.merged = {f"{lora.TARGETS[t]}/kernel": lora.TARGETS[t] for t in self.lora.targets}
+        self.merge_kernel = lora.merge_kernel
+
+    def _read(self, key: str, layer: int | None) -> np.ndarray:
+        x = self.base.read(key, layer)
+        if key not in self.merged:
+            return x
+        a, b = (self.adapters[f"{self.merged[key]}/{n}"] for n in ("lora_a", "lora_b"))
+        if layer is None:  # the whole stack
+            return np.stack([self.merge_kernel(x[i], a[i], b[i], self.lora.scale) for i in range(len(x))])
+        return self.merge_kernel(x, a[layer], b[layer], self.lora.scale)
+
+    def _dtype(self, key: str) -> np.dtype:
+        return self.base.dtype(key)
 
 
 def write_orbax(source: Source, dst: Path, progress: bool = False) -> None:
