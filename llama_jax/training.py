@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import grain
@@ -483,20 +483,9 @@ def train(cfg: TrainConfig) -> None:
 
     dtype = compute_dtype(cfg.dtype)
     attention = attention_impl(cfg.attention, dtype)
-    model = Llama(model_cfg, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attention_impl=attention)
-    schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)
     rng = jax.random.key(cfg.seed)
-    plan = sharding.load_plan(cfg.sharding)
-    mesh = sharding.build_mesh(plan)
-    abstract, state_sh = state_layout(model_cfg, optimizer, tuning, plan, mesh, dtype)
-    batch_sh = batch_shardings(plan, mesh, (cfg.batch_size, cfg.seq_len))
-    train_step = jax.jit(
-        make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss, tuning),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
+    built = build_step(cfg, model_cfg, tuning, dtype, attention)
+    model, optimizer, plan, mesh, abstract, state_sh, batch_sh, train_step = built
     eval_step = jax.jit(
         make_eval_sums(model, cfg.loss_chunk, tuning), in_shardings=(state_sh.params, state_sh.frozen, batch_sh)
     )
@@ -624,6 +613,38 @@ def train(cfg: TrainConfig) -> None:
         print(f"sample from the checkpoint at step {cfg.steps}:\n{text}")
 
 
+class BuiltStep(NamedTuple):
+    model: Llama
+    optimizer: optax.GradientTransformation
+    plan: sharding.Plan
+    mesh: jax.sharding.Mesh
+    abstract: TrainState  # shapes of the train state
+    state_sh: TrainState  # its shardings
+    batch_sh: dict
+    train_step: Callable  # jitted with those shardings, the state donated
+
+
+def build_step(
+    cfg: TrainConfig, model_cfg: LlamaConfig, tuning: Tuning, dtype: Any, attention: str, devices=None
+) -> BuiltStep:
+    """The model, optimizer, mesh, state layout and jitted train step of a run; training and
+    --compile-only (with a TPU topology's devices) share it."""
+    model = Llama(model_cfg, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attention_impl=attention)
+    schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+    optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)
+    plan = sharding.load_plan(cfg.sharding)
+    mesh = sharding.build_mesh(plan, devices)
+    abstract, state_sh = state_layout(model_cfg, optimizer, tuning, plan, mesh, dtype)
+    batch_sh = batch_shardings(plan, mesh, (cfg.batch_size, cfg.seq_len))
+    train_step = jax.jit(
+        make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss, tuning),
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
+    return BuiltStep(model, optimizer, plan, mesh, abstract, state_sh, batch_sh, train_step)
+
+
 def compile_train_step(cfg: TrainConfig) -> None:
     """Compile the real train step (forward, backward, AdamW) for a TPU topology on this machine
     and print per-chip memory and XLA's cost estimate: find out-of-memory before a pod is allocated."""
@@ -634,23 +655,14 @@ def compile_train_step(cfg: TrainConfig) -> None:
     topology = aot.parse_topology(cfg.topology)
     model_cfg = open_checkpoint(cfg.init_from).config if cfg.init_from else get_preset(cfg.model)
     dtype = jnp.bfloat16 if cfg.dtype == "auto" else jnp.dtype(cfg.dtype)  # the accelerator's compute dtype
-    model = Llama(model_cfg, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attention_impl="xla")
-    schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
-    optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)
-    plan = sharding.load_plan(cfg.sharding)
-    mesh = sharding.build_mesh(plan, aot.topology_devices(topology))
-    tuning = Tuning.from_config(cfg)
-    abstract, state_sh = state_layout(model_cfg, optimizer, tuning, plan, mesh, dtype)
-    batch_sh = batch_shardings(plan, mesh, (cfg.batch_size, cfg.seq_len))
-    step = jax.jit(
-        make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss, tuning),
-        in_shardings=(state_sh, batch_sh),
-        out_shardings=(state_sh, None),
-        donate_argnums=0,
-    )
-    batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=s) for k, s in batch_sh.items()}
+    built = build_step(cfg, model_cfg, Tuning.from_config(cfg), dtype, "xla", aot.topology_devices(topology))
+    plan, mesh = built.plan, built.mesh
+    batch = {
+        k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=s) for k, s in built.batch_sh.items()
+    }
     with sharding.activate(plan, mesh):
-        row = aot.compile_report("train step", step, (aot.abstract(abstract, state_sh), batch), {}, topology)
+        state = aot.abstract(built.abstract, built.state_sh)
+        row = aot.compile_report("train step", built.train_step, (state, batch), {}, topology)
     print(
         f"model {cfg.model} ({model_cfg.num_params / 1e9:.2f}B), batch {cfg.batch_size} x {cfg.seq_len}, "
         f"compute {jnp.dtype(dtype).name}, remat {cfg.remat}, plan {plan.name} {dict(mesh.shape)}"
