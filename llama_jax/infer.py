@@ -54,7 +54,7 @@ def load(
     placed on the devices as the sharding plan says."""
     import orbax.checkpoint as ocp
 
-    from llama_jax.convert import detect_format, load_checkpoint
+    from llama_jax.convert import load_checkpoint, open_checkpoint
     from llama_jax.convert.orbax_ckpt import OrbaxReader
     from llama_jax.model import param_shapes
     from llama_jax.tokenizer import TokenizerError, load_tokenizer
@@ -62,21 +62,18 @@ def load(
     sharding_plan = sharding.load_plan(plan)
     mesh = sharding.build_mesh(sharding_plan)
     dt = DTYPES[dtype or default_dtype()]
-    if detect_format(checkpoint) == "orbax" and not (Path(checkpoint) / "lora.json").is_file():
-        # Restore straight into the target sharding: each host reads only its shards. (A LoRA
-        # run is merged on the host, below.)
-        reader = OrbaxReader(Path(checkpoint))  # validates config, names and shapes
-        cfg, tokenizer_files = reader.config, reader.tokenizer_files
-        placement = sharding.param_shardings(sharding_plan, mesh, cfg)
+    source = open_checkpoint(checkpoint)  # validates config, names and shapes
+    cfg, tokenizer_files = source.config, source.tokenizer_files
+    placement = sharding.param_shardings(sharding_plan, mesh, cfg)
+    if isinstance(source, OrbaxReader):  # restored straight into the target sharding: each host reads its shards
         target = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, dt, sharding=sh), param_shapes(cfg), placement
         )
-        params = ocp.StandardCheckpointer().restore(reader.params, target)
-    else:  # Meta or HF: converted in host memory, then placed
-        ckpt = load_checkpoint(checkpoint)
-        cfg, tokenizer_files = ckpt.config, ckpt.tokenizer_files
-        placement = sharding.param_shardings(sharding_plan, mesh, cfg)
-        params = sharding.put(jax.tree.map(lambda a: np.asarray(a).astype(dt), ckpt.params), placement)
+        params = ocp.StandardCheckpointer().restore(source.params, target)
+    else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed
+        params = sharding.put(
+            jax.tree.map(lambda a: np.asarray(a).astype(dt), load_checkpoint(checkpoint).params), placement
+        )
     tok = None
     where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
     if tokenizer or tokenizer_files or need_tokenizer:
