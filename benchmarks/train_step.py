@@ -2,15 +2,18 @@
 
 Random weights and a synthetic batch (one document per row), the same jitted `train_step` as
 train.py, and the matmul rate of this device measured in the same run as the peak that MFU is
-taken against. Prints a table, one row per preset.
+taken against. Prints a table with one row per combination of the comma-separated presets,
+batch sizes, remat policies and attention implementations; a combination that fails (out of
+memory, say) gets a row saying so and the others still run.
 
     python benchmarks/train_step.py                                    # CPU: tiny preset
-    python benchmarks/train_step.py --model llama3.2-1b --seq-len 4096 --batch-size 4 --remat full
+    python benchmarks/train_step.py --model llama3.2-1b --seq-len 4096 --batch-size 2,4 --remat none,full
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from functools import partial
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import flops_per_token, get_preset
-from llama_jax.errors import ArgumentParser, run_cli
+from llama_jax.errors import ArgumentParser, UserError, run_cli
 from llama_jax.model import REMAT_POLICIES, Llama
 from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.training import attention_impl, compute_dtype, init_state, make_train_step, matmul_flops_per_s
@@ -38,15 +41,15 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
     }
 
 
-def benchmark(preset: str, args: argparse.Namespace, peak: float, dtype) -> dict:
+def benchmark(preset: str, batch_size: int, remat: str, attention: str, args, peak: float, dtype) -> dict:
     cfg = get_preset(preset)
-    attention = attention_impl(args.attention, dtype)
-    model = Llama(cfg, dtype=dtype, param_dtype=jnp.float32, remat=args.remat, attention_impl=attention)
+    attention = attention_impl(attention, dtype)
+    model = Llama(cfg, dtype=dtype, param_dtype=jnp.float32, remat=remat, attention_impl=attention)
     schedule = lr_schedule(3e-4, 10, 1000, 0.1)
     optimizer = make_optimizer(schedule)
     state = jax.jit(partial(init_state, cfg, optimizer))(jax.random.key(0))
     step = jax.jit(make_train_step(model, optimizer, schedule, args.grad_accum, args.loss_chunk), donate_argnums=0)
-    batch = synthetic_batch(cfg.vocab_size, args.batch_size, args.seq_len)
+    batch = synthetic_batch(cfg.vocab_size, batch_size, args.seq_len)
     start = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
@@ -59,51 +62,83 @@ def benchmark(preset: str, args: argparse.Namespace, peak: float, dtype) -> dict
         state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / args.steps
-    tokens = args.batch_size * args.seq_len
+    if args.profile:  # two more steps under the profiler, outside the timing
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(2):
+                state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+    tokens = batch_size * args.seq_len
     model_flops = flops_per_token(cfg, args.seq_len) * tokens / seconds
+    peak_bytes = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     return {
-        "preset": preset,
-        "params": f"{cfg.num_params / 1e6:,.1f}M",
-        "batch x seq": f"{args.batch_size} x {args.seq_len}",
-        "compile s": f"{compile_s:.1f}",
         "step ms": f"{seconds * 1e3:,.1f}",
+        "compile s": f"{compile_s:.1f}",
         "tokens/s": f"{tokens / seconds:,.0f}",
         "model TFLOP/s": f"{model_flops / 1e12:.3f}",
-        "matmul TFLOP/s": f"{peak / 1e12:.3f}",
         "MFU": f"{model_flops / peak:.1%}",
+        "peak GiB": "-" if peak_bytes is None else f"{peak_bytes / 2**30:.1f}",
+        "loss": f"{float(metrics['loss']):.3f}",
     }
 
 
+def row(preset: str, batch_size: int, remat: str, attention: str, args, peak: float, dtype) -> dict:
+    cfg = get_preset(preset)
+    head = {
+        "preset": preset,
+        "params": f"{cfg.num_params / 1e6:,.1f}M",
+        "batch x seq": f"{batch_size} x {args.seq_len}",
+        "remat": remat,
+        "attention": attention_impl(attention, dtype),
+    }
+    try:
+        return head | benchmark(preset, batch_size, remat, attention, args, peak, dtype)
+    except Exception as e:  # one failed combination (out of memory, say) must not end the table
+        print(f"{head}: {type(e).__name__}: {e}", file=sys.stderr)
+        return head | {"step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"}
+
+
 def print_table(rows: list[dict]) -> None:
-    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    widths = {k: max(len(k), *(len(r.get(k, "")) for r in rows)) for k in keys}
     print("| " + " | ".join(k.ljust(w) for k, w in widths.items()) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths.values()) + "|")
     for r in rows:
-        print("| " + " | ".join(r[k].rjust(w) for k, w in widths.items()) + " |")
+        print("| " + " | ".join(r.get(k, "").rjust(w) for k, w in widths.items()) + " |", flush=True)
 
 
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="comma-separated presets (default: tiny)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", default="8", help="comma-separated batch sizes (default: 8)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--remat", default="none", choices=tuple(REMAT_POLICIES))
-    parser.add_argument("--attention", default="auto", choices=("auto", "xla", "cudnn"))
+    parser.add_argument("--remat", default="none", help=f"comma-separated, of {', '.join(REMAT_POLICIES)}")
+    parser.add_argument("--attention", default="auto", help="comma-separated, of auto, xla, cudnn, splash")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--loss-chunk", type=int, default=512)
+    parser.add_argument("--profile", metavar="DIR", help="also trace two steps with jax.profiler into DIR")
     args = parser.parse_args(argv)
     presets = args.model.split(",")
     for preset in presets:
         get_preset(preset)  # an unknown name fails before any work
+    try:
+        batch_sizes = [int(b) for b in args.batch_size.split(",")]
+    except ValueError:
+        raise UserError(f"--batch-size: {args.batch_size!r} is not a comma-separated list of integers") from None
+    remats = args.remat.split(",")
+    if unknown := set(remats) - set(REMAT_POLICIES):
+        raise UserError(f"--remat: unknown policy {sorted(unknown)[0]!r}; use {', '.join(REMAT_POLICIES)}")
+    attentions = args.attention.split(",")
     dtype = compute_dtype(args.dtype)
     peak = matmul_flops_per_s(dtype)
     print(
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), compute {jnp.dtype(dtype).name}, parameters float32"
     )
-    print_table([benchmark(p, args, peak, dtype) for p in presets])
+    print(f"measured matmul rate: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    grid = itertools.product(presets, batch_sizes, remats, attentions)
+    print_table([row(*combination, args, peak, dtype) for combination in grid])
     return 0
 
 

@@ -3,14 +3,30 @@
 Queries sit at cache slots `q_offset + t`; key slot `s` is visible to a query when
 `s <= q_slot` and both carry the same segment id. Training (packed documents), scoring and
 KV-cache decoding all use this one rule: padding gets segment 0 and so never mixes with
-real tokens (segment ids >= 1)."""
+real tokens (segment ids >= 1).
+
+Implementations: "xla" (the reference, any backend), "cudnn" (fused, GPUs) and "splash"
+(Pallas splash attention, TPUs). Splash attention walks the causal mask block by block and skips
+the blocks above the diagonal, never materialising the [T, S] scores, and it reads each KV head
+once for its group of query heads (no repeated k/v). It only covers the no-cache case (queries at
+slots 0..T-1 of their own T keys) at lengths divisible by 128; decoding and other lengths (a short
+scoring batch, say) fall back to the XLA path, which computes the same function. Off TPU it runs in
+Pallas' interpreter (slow: for tests)."""
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+from llama_jax.precision import einsum_f32
+
+IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence; splash needs multiples of 128
 
 
 def attention(
@@ -25,17 +41,61 @@ def attention(
     """q: [B, T, H, D]; k, v: [B, S, KV, D]; segment ids [B, T] and [B, S] -> [B, T, H, D]."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
-    q_slot = q_offset + jnp.arange(t)
-    mask = (jnp.arange(s)[None, :] <= q_slot[:, None])[None] & (
-        q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    )  # [B, T, S]
+    causal = isinstance(q_offset, int) and q_offset == 0 and t == s  # queries at slots 0..T-1
+    if implementation == "splash" and causal and t % SPLASH_BLOCKS[-1] == 0:
+        return _splash(q, k, v, q_segment_ids, kv_segment_ids)
+    same_doc = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
     if implementation == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
-    if implementation != "xla":
+        # Training and scoring use cuDNN's own causal mask, which lets the kernel skip the blocks
+        # above the diagonal; decoding passes the whole mask.
+        if not causal:
+            same_doc &= (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]
+        return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=causal, implementation="cudnn")
+    if implementation not in ("xla", "splash"):
         raise ValueError(f"unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
+    mask = same_doc & (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]
     qg = q.reshape(b, t, kv, h // kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+    scores = einsum_f32("btkgd,bskd->bkgts", qg, k) * d**-0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def splash_block(length: int) -> int:
+    """The kernel's tile size (queries and keys) for a sequence length divisible by 128."""
+    return next(block for block in SPLASH_BLOCKS if length % block == 0)
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(heads: int, length: int, block: int, interpret: bool) -> splash.SplashAttentionKernel:
+    """The kernel for one sequence: q [H, T, D], k/v [KV, T, D] (KV dividing H), causal."""
+    sizes = splash.BlockSizes(*[block] * 8)  # forward, dk/dv and dq passes alike
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * heads)
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash(q, k, v, q_segment_ids, kv_segment_ids):
+    """Splash attention over the batch, inside a shard_map over the current mesh (Mosaic kernels
+    are not partitioned automatically): each device runs it on its own rows and heads, with whole
+    sequences (the kernel needs every key of its queries). Off TPU the kernel is interpreted."""
+    mesh = jax.sharding.get_abstract_mesh()  # the target devices (TPUs also when compiling ahead of time)
+    platform = jax.default_backend() if mesh.empty or mesh.abstract_device is None else mesh.abstract_device.platform
+
+    def local(q, k, v, q_seg, kv_seg):
+        kernel = _splash_kernel(q.shape[2], q.shape[1], splash_block(q.shape[1]), platform != "tpu")
+        q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale the scores
+        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
+        seg = splash.SegmentIds(q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+        out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v), seg)
+        return heads_first(out)
+
+    if mesh.empty or mesh.size == 1:
+        return local(q, k, v, q_segment_ids, kv_segment_ids)
+    # Rows and heads split as the model's activations are under the active rules; a query head's
+    # group goes with its KV head, so both follow the kv_heads rule. Sequence and head_dim stay whole.
+    batch, _, heads, _ = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
+    qkv, seg = P(batch, None, heads, None), P(batch, None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, seg, seg), out_specs=qkv, check_vma=False)(
+        q, k, v, q_segment_ids, kv_segment_ids
+    )

@@ -126,7 +126,10 @@ class Attention(nn.Module):
             layer_cache = {"k": k, "v": v}
             k = nn.with_logical_constraint(k, ("batch", "cache_length", "kv_heads", "head_dim"))
             v = nn.with_logical_constraint(v, ("batch", "cache_length", "kv_heads", "head_dim"))
-        out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, cache_index, self.implementation)
+        # Without a cache the keys are this call's own tokens: queries sit at slots 0..T-1 (a static 0
+        # lets a fused kernel use its causal mask).
+        q_offset = 0 if layer_cache is None else cache_index
+        out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, q_offset, self.implementation)
         out = nn.with_logical_constraint(out, heads)
         out = _dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
         return out, layer_cache

@@ -22,7 +22,7 @@ from llama_jax.model import REMAT_POLICIES
 
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
 DTYPES = ("auto", "float32", "bfloat16")
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 STAGES = ("pretrain", "sft", "dpo")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
@@ -82,7 +82,9 @@ class TrainConfig:
     # Compute.
     dtype: str = _opt("auto", "compute dtype ('auto': bfloat16 on accelerators, float32 on CPU)", DTYPES)
     remat: str = _opt("none", "activation rematerialization policy per layer", tuple(REMAT_POLICIES))
-    attention: str = _opt("auto", "attention kernel ('auto': cuDNN on GPUs, else XLA)", ATTENTION)
+    attention: str = _opt(
+        "auto", "attention kernel ('auto': Pallas splash on TPUs, cuDNN on GPUs, else XLA)", ATTENTION
+    )
     loss_chunk: int = _opt(512, "sequence positions per chunk of output logits in the loss")
     # Scale-out.
     sharding: str = _opt("fsdp", "sharding plan: a name in sharding/ or a .toml path")

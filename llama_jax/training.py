@@ -50,6 +50,7 @@ from llama_jax.generate import Sampling, generate
 from llama_jax.model import Llama, Params, init_params, param_shapes
 from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.posttrain import Tuning
+from llama_jax.precision import einsum_f32
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 from llama_jax.train_config import RESUME_FIXED, TrainConfig, load_toml, parse_args
 
@@ -90,7 +91,7 @@ def token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk
     @jax.checkpoint
     def one_chunk(args):
         h, tgt = args
-        logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
+        logits = einsum_f32("bcd,dv->bcv", h, kernel.astype(h.dtype))
         log_z = jax.nn.logsumexp(logits, axis=-1)
         return log_z - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0], log_z
 
@@ -245,17 +246,18 @@ def global_batch(local: dict, shardings: dict) -> Batch:
 
 
 def matmul_flops_per_s(dtype: Any) -> float:
-    """The best of a few timed square matmuls on the default device, in FLOP/s."""
+    """This device's square-matmul rate in FLOP/s: the median of five timings of ten back-to-back
+    products of random matrices (queued without waiting, so dispatch overhead stays hidden)."""
     n = 1024 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = math.inf
+    a, b = (jax.random.normal(key, (n, n), dtype) for key in jax.random.split(jax.random.key(0)))
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    times = []
     for _ in range(5):
         start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        jax.block_until_ready([matmul(a, b) for _ in range(10)])
+        times.append((time.perf_counter() - start) / 10)
+    return 2 * n**3 / float(np.median(times))
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -363,10 +365,15 @@ def compute_dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def attention_impl(name: str, dtype: Any) -> str:
-    """'auto': the fused cuDNN kernel on GPUs (it takes 16-bit inputs), the XLA reference elsewhere."""
+def attention_impl(name: str, dtype: Any, backend: str | None = None) -> str:
+    """'auto': the Pallas splash kernel on TPUs, the fused cuDNN kernel on GPUs (it takes 16-bit
+    inputs), the XLA reference elsewhere. `backend` (default: this process's) names the target
+    when compiling ahead of time for other devices."""
     if name == "auto":
-        fused = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+        backend = backend or jax.default_backend()
+        if backend == "tpu":
+            return "splash"
+        fused = backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         return "cudnn" if fused else "xla"
     return name
 
@@ -655,7 +662,9 @@ def compile_train_step(cfg: TrainConfig) -> None:
     topology = aot.parse_topology(cfg.topology)
     model_cfg = open_checkpoint(cfg.init_from).config if cfg.init_from else get_preset(cfg.model)
     dtype = jnp.bfloat16 if cfg.dtype == "auto" else jnp.dtype(cfg.dtype)  # the accelerator's compute dtype
-    built = build_step(cfg, model_cfg, Tuning.from_config(cfg), dtype, "xla", aot.topology_devices(topology))
+    devices = aot.topology_devices(topology)
+    attention = attention_impl(cfg.attention, dtype, backend=devices[0].platform)
+    built = build_step(cfg, model_cfg, Tuning.from_config(cfg), dtype, attention, devices)
     plan, mesh = built.plan, built.mesh
     batch = {
         k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=s) for k, s in built.batch_sh.items()
@@ -665,7 +674,8 @@ def compile_train_step(cfg: TrainConfig) -> None:
         row = aot.compile_report("train step", built.train_step, (state, batch), {}, topology)
     print(
         f"model {cfg.model} ({model_cfg.num_params / 1e9:.2f}B), batch {cfg.batch_size} x {cfg.seq_len}, "
-        f"compute {jnp.dtype(dtype).name}, remat {cfg.remat}, plan {plan.name} {dict(mesh.shape)}"
+        f"compute {jnp.dtype(dtype).name}, remat {cfg.remat}, attention {attention}, "
+        f"plan {plan.name} {dict(mesh.shape)}"
     )
     print(aot.format_report([row]))
 
