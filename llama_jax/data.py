@@ -1,16 +1,20 @@
 """Training data on grain: documents -> tokens -> packed fixed-length rows.
 
 A *document* is one text file, one JSONL line (`field`), one Parquet row (`field` column) or one
-ArrayRecord record (UTF-8 text). Documents are shuffled with a seed (a new order each epoch),
-each process keeps every `process_count`-th one, grain worker processes tokenize them
-(`BOS text EOS`), and rows of `seq_len` tokens are packed by concatenating documents and
-splitting at row boundaries. Each document gets its own segment id (1, 2, ... within a row;
-0 is padding) and positions from 0, so the model never attends across documents, and inputs
-and targets are shifted within a document, so no target crosses into the next one.
+ArrayRecord record (UTF-8 text). The documents are dealt to `streams` independent data streams
+(stream s reads every `streams`-th one, shuffled with a seed, a new order each epoch); each
+stream's documents are tokenized (`BOS text EOS`, in grain worker processes) and packed into rows
+of `seq_len` tokens by concatenating documents and splitting at row boundaries. Each document
+gets its own segment id (1, 2, ... within a row; 0 is padding) and positions from 0, so the
+model never attends across documents, and inputs and targets are shifted within a document, so
+no target crosses into the next one.
 
 A batch is a dict of [batch, seq_len] int32 arrays: tokens, targets, positions, segment_ids,
-loss_mask. The iterator's state (`grain.checkpoint.CheckpointSave`) is saved with the model,
-so a resumed run continues at the exact next batch.
+loss_mask. Each stream gives `batch / streams` consecutive rows of every batch, in stream order,
+and each process runs a contiguous block of the streams and so holds a contiguous block of rows.
+The batches therefore depend on the number of streams, never on the number of processes, and the
+streams' iterator states (`Streams.get_state`, JSON) are saved with the model: a run resumes at
+the exact next batch on any process count that divides the number of streams.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import os
 import sysconfig
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grain
 import numpy as np
@@ -273,20 +278,99 @@ def packed_batches(
     return ds.batch(batch_size, drop_remainder=True).map(_model_batch)
 
 
+def local_streams(streams: int, process_index: int, process_count: int) -> range:
+    """The streams that process `process_index` of `process_count` runs: a contiguous block."""
+    if streams % process_count:
+        raise DataError(
+            f"{streams} data streams cannot be shared by {process_count} processes; "
+            f"pass --data-streams with a multiple of {process_count}"
+        )
+    per_process = streams // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+class Streams:
+    """Batches of several data streams concatenated in stream order: `next` takes one batch from
+    each stream. Its state (JSON) maps each stream's number to that stream's iterator state, so
+    states saved by processes that ran different streams combine into one."""
+
+    def __init__(self, datasets: dict[int, grain.IterDataset]):
+        self.iterators = {stream: iter(ds) for stream, ds in datasets.items()}
+
+    def __iter__(self) -> Streams:
+        return self
+
+    def __next__(self) -> Batch:
+        parts = [next(it) for it in self.iterators.values()]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {str(stream): it.get_state() for stream, it in self.iterators.items()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Move each of this process's streams to its entry in `state` (which may hold others)."""
+        missing = [stream for stream in self.iterators if str(stream) not in state]
+        if missing:
+            raise DataError(f"the checkpoint holds no state for data stream {missing[0]}")
+        for stream, it in self.iterators.items():
+            it.set_state(_slices_as_tuples(state[str(stream)]))
+
+    def close(self) -> None:
+        for it in self.iterators.values():
+            it.close()
+
+
+def _slices_as_tuples(state: Any) -> Any:
+    """A JSON-decoded iterator state with grain's packing slices as tuples again: grain 0.2's
+    concat-then-split compares them with the tuple (-1, -1) to tell that no document is half
+    consumed, and a list never equals it, so a state saved at a document boundary would restore
+    with a phantom remainder and a different data order."""
+    if isinstance(state, dict):
+        return {
+            k: {f: tuple(sl) for f, sl in v.items()} if k == "remainder_slices" else _slices_as_tuples(v)
+            for k, v in state.items()
+        }
+    return [_slices_as_tuples(v) for v in state] if isinstance(state, list) else state
+
+
+def stream_batches(
+    make_stream: Callable[[int, int], grain.IterDataset],
+    batch_size: int,
+    streams: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Streams:
+    """This process's rows of every global batch of `batch_size`: `make_stream(stream, rows)` makes
+    the endless batches of `rows = batch_size / streams` rows of one stream."""
+    if batch_size % streams:
+        raise DataError(f"batch size {batch_size} is not divisible by {streams} data streams")
+    rows = batch_size // streams
+    return Streams({s: make_stream(s, rows) for s in local_streams(streams, process_index, process_count)})
+
+
 def train_batches(
     docs: grain.MapDataset,
     tokenizer_path: str,
     seq_len: int,
     batch_size: int,
     seed: int,
+    streams: int = 1,
     workers: int = 0,
     shuffle_window: int = 1,
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.IterDataset:
-    """Endless batches of this process's share (`batch_size` is per process), reshuffled each epoch."""
-    share = docs[process_index::process_count].shuffle(seed).repeat()
-    return packed_batches(share, tokenizer_path, seq_len, batch_size, workers, shuffle_window, seed)
+) -> Streams:
+    """Endless batches (`batch_size` rows in all processes together; this process's block of rows),
+    each stream reshuffled every epoch; `workers` tokenizing processes per stream."""
+
+    if len(docs) < streams:
+        raise DataError(f"{len(docs)} training documents cannot feed {streams} data streams; pass --data-streams")
+
+    def make_stream(stream: int, rows: int) -> grain.IterDataset:
+        share = docs[stream::streams].shuffle(seed).repeat()
+        return packed_batches(share, tokenizer_path, seq_len, rows, workers, shuffle_window, seed)
+
+    return stream_batches(make_stream, batch_size, streams, process_index, process_count)
 
 
 def eval_batches(docs: grain.MapDataset, tokenizer_path: str, seq_len: int, batch_size: int, count: int) -> list[Batch]:

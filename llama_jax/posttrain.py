@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.chat import ChatError, encode_dialog_with_mask
-from llama_jax.data import DataError, expand
+from llama_jax.data import DataError, Streams, expand, stream_batches
 from llama_jax.lora import LoraConfig
 from llama_jax.model import Params
 from llama_jax.tokenizer import Tokenizer
@@ -222,12 +222,20 @@ def train_batches(
     seq_len: int,
     batch_size: int,
     seed: int,
+    streams: int = 1,
     process_index: int = 0,
     process_count: int = 1,
-) -> grain.IterDataset:
-    """Endless batches of this process's share of the examples, reshuffled each epoch."""
-    share = grain.MapDataset.source(examples)[process_index::process_count].shuffle(seed).repeat()
-    return _packed(share.to_iter_dataset(), stage, seq_len, batch_size, drop_remainder=True)
+) -> Streams:
+    """Endless batches of the examples dealt to `streams` data streams (see llama_jax/data.py),
+    each reshuffled every epoch; this process's block of rows."""
+    if len(examples) < streams:
+        raise DataError(f"{len(examples)} training examples cannot feed {streams} data streams")
+
+    def make_stream(stream: int, rows: int) -> grain.IterDataset:
+        share = grain.MapDataset.source(examples)[stream::streams].shuffle(seed).repeat()
+        return _packed(share.to_iter_dataset(), stage, seq_len, rows, drop_remainder=True)
+
+    return stream_batches(make_stream, batch_size, streams, process_index, process_count)
 
 
 def eval_batches(examples: list[Example], stage: str, seq_len: int, batch_size: int, count: int) -> list[dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
 RESUME_FIXED = (
     "data", "data_format", "data_field", "eval_data", "eval_fraction", "seed", "seq_len", "batch_size",
-    "workers", "shuffle_window",
+    "data_streams", "workers", "shuffle_window",
     # ... and what the checkpoints hold and are relative to.
     "stage", "init_from", "lora_rank", "lora_alpha", "lora_targets", "skip_bad_examples",
 )  # fmt: skip
@@ -52,7 +53,13 @@ class TrainConfig:
     init_from: str = _opt("", "start from the weights of any checkpoint infer.py can load (sets the model)")
     stage: str = _opt("pretrain", "pretrain on documents; sft on chat JSONL; dpo on preference JSONL", STAGES)
     shuffle_window: int = _opt(1024, "packed rows shuffled together (a long document fills many rows)")
-    workers: int = _opt(1, "grain worker processes that read and tokenize documents (0: in the main process)")
+    data_streams: int = _opt(
+        0,
+        "independent data streams, each giving batch-size / data-streams rows of every batch: the data order depends "
+        "on this and never on the process count, so a run resumes on any process count dividing it "
+        "(0: the largest of 8, 4, 2, 1 that divides --batch-size)",
+    )
+    workers: int = _opt(0, "grain worker processes per data stream that read and tokenize (0: in the main process)")
     # Post-training (llama_jax/posttrain.py, llama_jax/lora.py).
     dpo_beta: float = _opt(0.1, "DPO beta: how strongly the policy is held to the reference (the --init-from weights)")
     lora_rank: int = _opt(0, "LoRA rank: train only low-rank adapters, any stage, from --init-from (0: all weights)")
@@ -116,6 +123,12 @@ class TrainConfig:
         for name in "warmup_steps eval_every workers sample_tokens lr weight_decay z_loss".split():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.data_streams < 0:
+            raise ConfigError(f"data-streams must not be negative, got {self.data_streams}")
+        if self.data_streams == 0:  # frozen: set the resolved default once, so it is saved and printed
+            object.__setattr__(self, "data_streams", math.gcd(self.batch_size, 8))
+        if self.batch_size % self.data_streams:
+            raise ConfigError(f"batch-size {self.batch_size} is not divisible by data-streams {self.data_streams}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch-size {self.batch_size} is not divisible by grad-accum {self.grad_accum}")
         if not 0 <= self.eval_fraction < 1:

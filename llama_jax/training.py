@@ -3,8 +3,8 @@
 
 `make_train_step(...)` returns `train_step(state, batch) -> (state, metrics)`, a pure function
 with no mesh knowledge: callers jit it with whatever shardings they like. The loss never holds
-the full [B, T, vocab] logits: the output projection runs `loss_chunk` positions at a time
-under `jax.checkpoint`, so the backward pass recomputes each chunk instead of storing it.
+the full [B, T, vocab] logits: a fused linear + cross-entropy (`token_losses`) runs the output
+projection `loss_chunk` positions at a time, forward and backward.
 
 A run directory holds config.json (the model's LlamaConfig), train_config.toml (the resolved
 training configuration), tokenizer.model, metrics.jsonl, tensorboard/ and checkpoints/: an
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +49,6 @@ from llama_jax.generate import Sampling, generate
 from llama_jax.model import Llama, Params, init_params, param_shapes
 from llama_jax.optim import lr_schedule, make_optimizer
 from llama_jax.posttrain import Tuning
-from llama_jax.precision import einsum_f32
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 from llama_jax.train_config import RESUME_FIXED, TrainConfig, load_toml, parse_args
 
@@ -80,23 +78,65 @@ def output_kernel(cfg: LlamaConfig, params: Params) -> jax.Array:
     return params["output"]["kernel"]
 
 
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[B, T, ...] -> [T/chunk, B, chunk, ...], zero-padded to whole chunks."""
+    b, t = x.shape[:2]
+    n = -(-t // chunk)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunk(x: jax.Array, t: int) -> jax.Array:
+    return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :t]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
 def token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy and log-partition log Z per token, [B, T] float32, from hidden states
-    [B, T, D] and the output projection [D, V], making logits for `chunk` positions at a time."""
-    b, t, d = hidden.shape
-    n = -(-t // chunk)
-    hidden = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0))).reshape(b, n, chunk, d)
-    targets = jnp.pad(targets, ((0, 0), (0, n * chunk - t))).reshape(b, n, chunk)
+    [B, T, D] and the output projection [D, V], making logits for `chunk` positions at a time.
 
-    @jax.checkpoint
-    def one_chunk(args):
+    A fused linear + cross-entropy: the forward and the backward pass each loop over the chunks
+    (the backward recomputes a chunk's logits), so no more than one chunk of logits ever exists,
+    the projection is cast to the compute dtype once, and its gradient accumulates in float32 in
+    the loop's carry."""
+    return _token_losses_fwd(hidden, kernel, targets, chunk)[0]
+
+
+def _token_losses_fwd(hidden, kernel, targets, chunk):
+    w = kernel.astype(hidden.dtype)
+
+    def one_chunk(_, args):
         h, tgt = args
-        logits = einsum_f32("bcd,dv->bcv", h, kernel.astype(h.dtype))
+        logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
         log_z = jax.nn.logsumexp(logits, axis=-1)
-        return log_z - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0], log_z
+        return None, (log_z - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0], log_z)
 
-    xent, log_z = jax.lax.map(one_chunk, (hidden.swapaxes(0, 1), targets.swapaxes(0, 1)))
-    return xent.swapaxes(0, 1).reshape(b, -1)[:, :t], log_z.swapaxes(0, 1).reshape(b, -1)[:, :t]
+    _, (xent, log_z) = jax.lax.scan(one_chunk, None, (_chunks(hidden, chunk), _chunks(targets, chunk)))
+    t = hidden.shape[1]
+    return (_unchunk(xent, t), _unchunk(log_z, t)), (hidden, kernel, targets, log_z)
+
+
+def _token_losses_bwd(chunk, residuals, cotangents):
+    hidden, kernel, targets, log_z = residuals
+    g_xent, g_log_z = (_chunks(g, chunk) for g in cotangents)
+    w = kernel.astype(hidden.dtype)
+
+    def one_chunk(d_kernel, args):
+        h, tgt, lz, gx, gz = args
+        logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+        probs = jnp.exp(logits - lz[..., None])  # xent = log Z - logit[target]; both move with the softmax
+        target = jnp.arange(logits.shape[-1]) == tgt[..., None]
+        d_logits = ((gx + gz)[..., None] * probs - jnp.where(target, gx[..., None], 0.0)).astype(h.dtype)
+        d_h = jnp.einsum("bcv,dv->bcd", d_logits, w)
+        d_kernel += jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
+        return d_kernel, d_h
+
+    chunks = (_chunks(hidden, chunk), _chunks(targets, chunk), log_z, g_xent, g_log_z)
+    d_kernel, d_hidden = jax.lax.scan(one_chunk, jnp.zeros(kernel.shape, jnp.float32), chunks)
+    return _unchunk(d_hidden, hidden.shape[1]).astype(hidden.dtype), d_kernel.astype(kernel.dtype), None
+
+
+token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
 def target_losses(model: Llama, params: Params, batch: Batch, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
@@ -263,6 +303,35 @@ def matmul_flops_per_s(dtype: Any) -> float:
 # -- checkpoints ------------------------------------------------------------------------------
 
 
+def all_stream_states(data_iter: data_lib.Streams) -> dict[str, Any]:
+    """The iterator states of every process's data streams, on every process (a collective): the
+    checkpoint holds all of them, so any process count can resume from it."""
+    encoded = json.dumps(data_iter.get_state())  # now: the iterators' own state objects change as they run
+    if jax.process_count() == 1:
+        return json.loads(encoded)
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(encoded.encode(), np.uint8)
+    size = int(multihost_utils.process_allgather(np.int32(raw.size)).max())
+    gathered = multihost_utils.process_allgather(np.pad(raw, (0, size - raw.size)))
+    return {k: v for row in gathered for k, v in json.loads(bytes(row).rstrip(b"\0")).items()}
+
+
+def global_tokens(batch: Batch) -> np.ndarray:
+    """The tokens of the whole batch (every process's rows, in order) on every process: a collective."""
+    if jax.process_count() == 1:
+        return np.ascontiguousarray(batch["tokens"])
+    from jax.experimental import multihost_utils
+
+    return np.ascontiguousarray(multihost_utils.process_allgather(batch["tokens"], tiled=True))
+
+
+def local_rows(batch: dict, process_index: int, process_count: int) -> dict:
+    """This process's contiguous block of a global batch's rows."""
+    rows = len(next(iter(batch.values()))) // process_count
+    return {k: v[process_index * rows : (process_index + 1) * rows] for k, v in batch.items()}
+
+
 class Checkpoints:
     """The run's Orbax CheckpointManager. Saves are asynchronous and each is reported on stdout
     once complete; a step directory only appears complete (Orbax renames a temporary directory),
@@ -279,7 +348,7 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
-    def save(self, state: TrainState, data_iter: Any, rng: jax.Array) -> None:
+    def save(self, state: TrainState, data_iter: data_lib.Streams, rng: jax.Array) -> None:
         self.report(wait=True)
         self.pending = step = int(state.step)
         self.mngr.save(
@@ -287,21 +356,22 @@ class Checkpoints:
             args=ocp.args.Composite(
                 **{self.item: ocp.args.StandardSave(state.params)},
                 opt_state=ocp.args.StandardSave(state.opt_state),
-                data=grain.checkpoint.CheckpointSave(data_iter),
+                data=ocp.args.JsonSave(all_stream_states(data_iter)),
                 meta=ocp.args.JsonSave({"step": step, "rng": jax.random.key_data(rng).tolist()}),
             ),
         )
 
-    def restore(self, step: int, abstract: TrainState, data_iter: Any) -> TrainState:
-        """The train state of `step`; `data_iter` is moved to where it was then."""
+    def restore(self, step: int, abstract: TrainState, data_iter: data_lib.Streams) -> TrainState:
+        """The train state of `step`; `data_iter`'s streams are moved to where they were then."""
         restored = self.mngr.restore(
             step,
             args=ocp.args.Composite(
                 **{self.item: ocp.args.StandardRestore(abstract.params)},
                 opt_state=ocp.args.StandardRestore(abstract.opt_state),
-                data=grain.checkpoint.CheckpointRestore(data_iter),
+                data=ocp.args.JsonRestore(),
             ),
         )
+        data_iter.set_state(restored.data)
         return TrainState(jnp.int32(step), restored[self.item], restored.opt_state)
 
     def report(self, wait: bool) -> None:
@@ -325,6 +395,9 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, start_step: int):
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0  # one process writes for the run
+        if not self.enabled:
+            return
         if self.path.exists():
             lines = self.path.read_text().splitlines()
             self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
@@ -332,6 +405,8 @@ class MetricsLog:
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
         for name, value in values.items():
@@ -339,8 +414,9 @@ class MetricsLog:
                 self.tb.add_scalar(name, value, step)
 
     def close(self) -> None:
-        self.file.close()
-        self.tb.close()
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
 
 
 def evaluate(eval_sums: Callable, state: TrainState, batches: list) -> dict[str, float]:
@@ -409,8 +485,11 @@ def _prepare_run(
         model_cfg = get_preset(cfg.model)
     if cfg.seq_len > model_cfg.max_seq_len:
         raise UserError(f"seq-len {cfg.seq_len} exceeds the model's context of {model_cfg.max_seq_len}")
-    if cfg.batch_size % jax.process_count():
-        raise UserError(f"batch-size {cfg.batch_size} is not divisible by {jax.process_count()} processes")
+    if cfg.data_streams % jax.process_count():
+        raise UserError(
+            f"data-streams {cfg.data_streams} cannot be shared by {jax.process_count()} processes: "
+            f"pass --data-streams with a multiple of {jax.process_count()} that divides --batch-size"
+        )
     if (out / "config.json").exists():
         if json.loads((out / "config.json").read_text()) != model_cfg.to_dict():
             raise UserError(f"{out} holds a run of another model; choose another --out")
@@ -435,19 +514,30 @@ def _prepare_run(
             cfg.seq_len, cfg.seed, cfg.skip_bad_examples,
         )  # fmt: skip
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
-    (out / "train_config.toml").write_text(cfg.to_toml())
+    _barrier("run directory checked")  # every process has read the run directory before it changes
+    if jax.process_index() == 0:  # one process writes the run directory; the others then read it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+        (out / "train_config.toml").write_text(cfg.to_toml())
+        if saved is None and tokenizer_src is not None:
+            name = "tokenizer.json" if tokenizer_src.suffix == ".json" else "tokenizer.model"
+            shutil.copyfile(tokenizer_src, out / name)
+        elif saved is None:
+            print(f"training a {model_cfg.vocab_size}-token SentencePiece BPE tokenizer on the training documents")
+            lines = data_lib.document_lines(corpus.train, TOKENIZER_LINES)
+            train_sentencepiece(lines, out / "tokenizer.tmp", model_cfg.vocab_size).rename(out / "tokenizer.model")
+            (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
     print(f"configuration (saved to {out / 'train_config.toml'}):\n{cfg.to_toml()}", end="")
-    if saved is None and tokenizer_src is not None:
-        saved = out / ("tokenizer.json" if tokenizer_src.suffix == ".json" else "tokenizer.model")
-        shutil.copyfile(tokenizer_src, saved)
-    elif saved is None:
-        print(f"training a {model_cfg.vocab_size}-token SentencePiece BPE tokenizer on the training documents")
-        lines = data_lib.document_lines(corpus.train, TOKENIZER_LINES)
-        saved = train_sentencepiece(lines, out / "tokenizer.tmp", model_cfg.vocab_size).rename(out / "tokenizer.model")
-        (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
-    return model_cfg, saved, examples
+    _barrier("run directory written")
+    return model_cfg, _tokenizer_in(out), examples
+
+
+def _barrier(name: str) -> None:
+    """Wait until every process gets here (nothing to wait for in a one-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def train(cfg: TrainConfig) -> None:
@@ -464,21 +554,19 @@ def train(cfg: TrainConfig) -> None:
     if tuning.lora is not None:
         lora.save_run_config(out, tuning.lora, cfg.init_from)
     tokenizer, tokenizer_path = load_tokenizer(tokenizer_file), str(tokenizer_file)
-    local_batch = cfg.batch_size // jax.process_count()
+    processes = (jax.process_index(), jax.process_count())
     if corpus is not None:
-        train_ds = data_lib.train_batches(
-            corpus.train, tokenizer_path, cfg.seq_len, local_batch, cfg.seed, cfg.workers, cfg.shuffle_window,
-            jax.process_index(), jax.process_count(),
+        data_iter = data_lib.train_batches(
+            corpus.train, tokenizer_path, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.data_streams, cfg.workers,
+            cfg.shuffle_window, *processes,
         )  # fmt: skip
-        eval_docs = corpus.eval[jax.process_index() :: jax.process_count()]
-        eval_set = data_lib.eval_batches(eval_docs, tokenizer_path, cfg.seq_len, local_batch, cfg.eval_batches)
+        eval_set = data_lib.eval_batches(corpus.eval, tokenizer_path, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
         counts = f"{len(corpus.train)} training and {len(corpus.eval)} held-out documents"
     else:
-        train_ds = posttrain.train_batches(
-            examples.train, cfg.stage, cfg.seq_len, local_batch, cfg.seed, jax.process_index(), jax.process_count()
+        data_iter = posttrain.train_batches(
+            examples.train, cfg.stage, cfg.seq_len, cfg.batch_size, cfg.seed, cfg.data_streams, *processes
         )
-        eval_examples = examples.eval[jax.process_index() :: jax.process_count()]
-        eval_set = posttrain.eval_batches(eval_examples, cfg.stage, cfg.seq_len, local_batch, cfg.eval_batches)
+        eval_set = posttrain.eval_batches(examples.eval, cfg.stage, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
         counts = f"{len(examples.train)} training and {len(examples.eval)} held-out {cfg.stage} examples"
         if examples.skipped:
             counts += f" ({examples.skipped} bad ones skipped; the first: {examples.first_skipped})"
@@ -498,7 +586,6 @@ def train(cfg: TrainConfig) -> None:
     )
     print(f"sharding plan {plan.name}: mesh {dict(mesh.shape)} over {jax.device_count()} devices")
 
-    data_iter = iter(train_ds)
     checkpoints = Checkpoints(out, cfg.keep, "params" if tuning.lora is None else "adapters")
     start = checkpoints.latest_step() or 0
     with sharding.activate(plan, mesh):
@@ -524,11 +611,7 @@ def train(cfg: TrainConfig) -> None:
             state = state.replace(frozen=sharding.put(tuning.frozen(fixed), state_sh.frozen))
             if tuning.lora is not None:
                 print(f"training rank-{tuning.lora.rank} LoRA adapters of {', '.join(tuning.lora.targets)}")
-    if jax.process_count() > 1:  # every process must run the same number of sharded eval steps
-        from jax.experimental import multihost_utils
-
-        eval_set = eval_set[: int(multihost_utils.process_allgather(np.int32(len(eval_set))).min())]
-    eval_set = [global_batch(b, batch_sh) for b in eval_set]
+    eval_set = [global_batch(local_rows(b, *processes), batch_sh) for b in eval_set]  # the same in any process count
 
     log = MetricsLog(out, start)
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -577,7 +660,7 @@ def train(cfg: TrainConfig) -> None:
                         "tokens_per_s": marked_steps * tokens_per_step / seconds,
                         "mfu": marked_steps * model_flops / seconds / peak,
                         "tokens": step * tokens_per_step,
-                        "data_crc": zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes()),
+                        "data_crc": zlib.crc32(global_tokens(batch).tobytes()),
                     }
                     log.write(step, metrics)
                     losses = []

@@ -1,6 +1,8 @@
+import functools
 import inspect
 import itertools
 import json
+import re
 import textwrap
 
 import grain
@@ -122,12 +124,12 @@ def test_packed_rows(tokenizer):
         assert ids == tok.encode(doc, bos=True, eos=True)
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_iterator_state_resumes_at_the_exact_next_batch(tokenizer, workers):
+@pytest.mark.parametrize(("workers", "streams"), [(0, 1), (1, 1), (0, 2), (1, 2)])
+def test_iterator_state_resumes_at_the_exact_next_batch(tokenizer, workers, streams):
     docs = grain.MapDataset.source(DOCS)
 
     def fresh():
-        return iter(data.train_batches(docs, tokenizer, 16, 2, seed=5, workers=workers, shuffle_window=8))
+        return data.train_batches(docs, tokenizer, 16, 2, seed=5, streams=streams, workers=workers, shuffle_window=8)
 
     it = fresh()
     first = [next(it) for _ in range(30)]  # more than one epoch
@@ -145,16 +147,66 @@ def test_iterator_state_resumes_at_the_exact_next_batch(tokenizer, workers):
     resumed.close()
 
 
-def test_processes_read_disjoint_shares(tokenizer):
+def test_a_state_at_a_document_boundary_resumes_exactly(tokenizer):
+    """Before the first row no document is half consumed: grain's packer marks that with a tuple
+    that JSON turns into a list (see data._slices_as_tuples)."""
+    docs = grain.MapDataset.source(DOCS)
+    make = functools.partial(data.train_batches, docs, tokenizer, 16, 2, seed=2, shuffle_window=4)
+    expected = make()
+    resumed = make()
+    resumed.set_state(json.loads(json.dumps(make().get_state())))
+    for _ in range(3):
+        got, want = next(resumed), next(expected)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_batches_do_not_depend_on_the_process_count(tokenizer):
+    """4 streams, batch 8: one process, 2 processes and 4 processes see the same global batches (each
+    process holds a contiguous block of rows), and each stream reads its own documents."""
+    docs = grain.MapDataset.source(DOCS)
+
+    def batches(index: int, count: int) -> list[dict]:
+        it = data.train_batches(docs, tokenizer, 32, 8, seed=3, streams=4, shuffle_window=4,
+                                process_index=index, process_count=count)  # fmt: skip
+        out = [next(it) for _ in range(6)]
+        it.close()
+        return out
+
+    one = batches(0, 1)
+    for count in (2, 4):
+        per_process = [batches(i, count) for i in range(count)]
+        for step, expected in enumerate(one):
+            for k in expected:
+                np.testing.assert_array_equal(np.concatenate([p[step][k] for p in per_process]), expected[k])
     tok = load_tokenizer(tokenizer)
-    docs = grain.MapDataset.source(DOCS[:20])
-    shares = []
-    for index in range(2):
-        ds = data.train_batches(docs, tokenizer, 2048, 1, seed=0, process_index=index, process_count=2)
-        row = next(iter(ds))  # an epoch of a share (10 documents) fits in the first row
-        tokens, segments = row["tokens"][0], row["segment_ids"][0]
-        shares.append({tok.decode(tokens[segments == s][1:].tolist()) for s in range(1, 11)})
-    assert shares[0] | shares[1] == set(DOCS[:20]) and not shares[0] & shares[1]
+    rows = np.concatenate([b["tokens"] for b in one])  # rows 2s, 2s+1 of every batch come from stream s
+    for stream in range(4):
+        text = tok.decode(rows[[r for r in range(len(rows)) if r % 8 // 2 == stream]].ravel().tolist())
+        seen = {int(n) for n in re.findall(r"document (\d+):", text)}
+        assert seen and all(n % 4 == stream for n in seen), (stream, seen)
+
+
+def test_a_state_saved_by_two_processes_resumes_in_one(tokenizer):
+    docs = grain.MapDataset.source(DOCS)
+    make = functools.partial(data.train_batches, docs, tokenizer, 16, 4, seed=1, streams=2, shuffle_window=4)
+    one = make()
+    expected = [next(one) for _ in range(12)][5:]
+    halves = [make(process_index=i, process_count=2) for i in range(2)]
+    for _ in range(5):
+        for it in halves:
+            next(it)
+    state = {k: v for it in halves for k, v in json.loads(json.dumps(it.get_state())).items()}
+    resumed = make()
+    resumed.set_state(state)
+    for batch in expected:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], batch[k]) for k in batch)
+    with pytest.raises(data.DataError, match="cannot be shared by 3 processes"):
+        make(process_index=0, process_count=3)
+    with pytest.raises(data.DataError, match="no state for data stream 1"):
+        make().set_state(halves[0].get_state())
+    for it in (one, resumed, *halves):
+        it.close()
 
 
 def test_unigram_entropy():

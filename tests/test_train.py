@@ -40,8 +40,15 @@ def test_chunked_loss_and_gradient_match_full_logits(chunk):
     xent, log_z = jax.jit(token_losses, static_argnums=3)(hidden, kernel, targets, chunk)
     np.testing.assert_allclose(xent, reference_losses(hidden, kernel, targets), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(log_z, jax.nn.logsumexp(hidden @ kernel, axis=-1), rtol=1e-5)
-    grads = jax.jit(jax.grad(lambda h, k: token_losses(h, k, targets, chunk)[0].sum(), argnums=(0, 1)))(hidden, kernel)
-    expected = jax.grad(lambda h, k: reference_losses(h, k, targets).sum(), argnums=(0, 1))(hidden, kernel)
+    weights = jax.random.uniform(k3, (2, 16))  # a weighted cross-entropy plus a z-loss reach both outputs
+
+    def objective(losses):
+        return lambda h, k: jnp.sum(weights * losses(h, k)[0]) + 0.3 * jnp.sum(losses(h, k)[1] ** 2)
+
+    ours = objective(lambda h, k: token_losses(h, k, targets, chunk))
+    full = objective(lambda h, k: (reference_losses(h, k, targets), jax.nn.logsumexp(h @ k, axis=-1)))
+    grads = jax.jit(jax.grad(ours, argnums=(0, 1)))(hidden, kernel)
+    expected = jax.grad(full, argnums=(0, 1))(hidden, kernel)
     for got, want in zip(grads, expected, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
