@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64", help="decode batch sizes")
     ap.add_argument("--context", type=int, default=512, help="prompt length before the timed decode steps")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
+    ap.add_argument("--unroll", type=int, default=1, help="layers per iteration of the layer loop (0: all)")
     args = ap.parse_args()
     on_cpu = jax.default_backend() == "cpu"
     name = args.model or ("tiny" if on_cpu else "llama3-8b")
@@ -64,7 +65,7 @@ def main() -> None:
     prompts = [int(p) for p in (args.prompts or ("128,512" if on_cpu else "128,2048")).split(",")]
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max(prompts) + args.context + args.steps))
     dt = jnp.bfloat16
-    model = Llama(cfg, dtype=dt, param_dtype=dt)
+    model = Llama(cfg, dtype=dt, param_dtype=dt, scan_unroll=args.unroll or cfg.n_layers)
     params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dt)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = copy_bandwidth(2**28 if on_cpu else 2**32)
@@ -108,7 +109,7 @@ def main() -> None:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"model: {name}, {cfg.num_params / 1e9:.3f}B params, bfloat16 weights {weight_bytes / 1e9:.3f} GB")
     print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, bf16 matmul {flops_rate / 1e12:.2f} TFLOP/s")
-    print(f"decode: context {args.context} + {args.steps} steps\n")
+    print(f"decode: context {args.context} + {args.steps} steps; layer loop unrolled {args.unroll or cfg.n_layers}\n")
     print("| measurement | measured | roofline | % of roofline |")
     print("|---|---|---|---|")
     for name, measured, roof, frac in rows:

@@ -41,10 +41,11 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
     }
 
 
-def benchmark(preset: str, batch_size: int, remat: str, attention: str, args, peak: float, dtype) -> dict:
+def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
     cfg = get_preset(preset)
     attention = attention_impl(attention, dtype)
-    model = Llama(cfg, dtype=dtype, param_dtype=jnp.float32, remat=remat, attention_impl=attention)
+    unroll = unroll or cfg.n_layers
+    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=unroll)
     schedule = lr_schedule(3e-4, 10, 1000, 0.1)
     optimizer = make_optimizer(schedule)
     state = jax.jit(partial(init_state, cfg, optimizer))(jax.random.key(0))
@@ -81,7 +82,7 @@ def benchmark(preset: str, batch_size: int, remat: str, attention: str, args, pe
     }
 
 
-def row(preset: str, batch_size: int, remat: str, attention: str, args, peak: float, dtype) -> dict:
+def row(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
     cfg = get_preset(preset)
     head = {
         "preset": preset,
@@ -89,9 +90,10 @@ def row(preset: str, batch_size: int, remat: str, attention: str, args, peak: fl
         "batch x seq": f"{batch_size} x {args.seq_len}",
         "remat": remat,
         "attention": attention_impl(attention, dtype),
+        "unroll": str(unroll or cfg.n_layers),
     }
     try:
-        return head | benchmark(preset, batch_size, remat, attention, args, peak, dtype)
+        return head | benchmark(preset, batch_size, remat, attention, unroll, args, peak, dtype)
     except Exception as e:  # one failed combination (out of memory, say) must not end the table
         print(f"{head}: {type(e).__name__}: {e}", file=sys.stderr)
         return head | {"step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"}
@@ -116,6 +118,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--remat", default="none", help=f"comma-separated, of {', '.join(REMAT_POLICIES)}")
     parser.add_argument("--attention", default="auto", help="comma-separated, of auto, xla, cudnn, splash")
+    parser.add_argument("--unroll", default="1", help="comma-separated layers per loop iteration (0: all)")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--loss-chunk", type=int, default=512)
     parser.add_argument("--profile", metavar="DIR", help="also trace two steps with jax.profiler into DIR")
@@ -131,13 +134,17 @@ def main(argv: list[str]) -> int:
     if unknown := set(remats) - set(REMAT_POLICIES):
         raise UserError(f"--remat: unknown policy {sorted(unknown)[0]!r}; use {', '.join(REMAT_POLICIES)}")
     attentions = args.attention.split(",")
+    try:
+        unrolls = [int(u) for u in args.unroll.split(",")]
+    except ValueError:
+        raise UserError(f"--unroll: {args.unroll!r} is not a comma-separated list of integers") from None
     dtype = compute_dtype(args.dtype)
     peak = matmul_flops_per_s(dtype)
     print(
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), compute {jnp.dtype(dtype).name}, parameters float32"
     )
     print(f"measured matmul rate: {peak / 1e12:.1f} TFLOP/s", flush=True)
-    grid = itertools.product(presets, batch_sizes, remats, attentions)
+    grid = itertools.product(presets, batch_sizes, remats, attentions, unrolls)
     print_table([row(*combination, args, peak, dtype) for combination in grid])
     return 0
 

@@ -265,7 +265,9 @@ def packed_batches(
 ) -> grain.IterDataset:
     """Documents -> batches of packed rows, tokenized in `workers` processes (0: in this one).
     Rows are shuffled in windows of `shuffle_window`, since a long document fills many rows."""
-    ds = docs.map(Tokenize(tokenizer_path)).to_iter_dataset()
+    # A few documents tokenized ahead by one thread: grain's default (16 threads, 500 documents ahead)
+    # tokenizes far more than a stream consumes, and every stream would do so.
+    ds = docs.map(Tokenize(tokenizer_path)).to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
     if workers:
         # grain reads absl flags when it starts workers; a program that is not an absl app has
         # not parsed them, so mark them parsed (their defaults stand).

@@ -183,6 +183,7 @@ class Llama(nn.Module):
     param_dtype: Any = jnp.float32
     remat: str = "none"
     attention_impl: str = "xla"
+    scan_unroll: int = 1  # layers per iteration of the loop over layers (n_layers: no loop at all)
 
     @nn.compact
     def __call__(
@@ -227,6 +228,7 @@ class Llama(nn.Module):
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.n_layers,
+            unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(c, dt, pdt, self.attention_impl, name="layers")
         x, layer_cache = layers(x, layer_cache, rope, (segment_ids, kv_segment_ids), cache_index)

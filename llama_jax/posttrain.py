@@ -216,6 +216,9 @@ def _packed(ds: grain.IterDataset, stage: str, seq_len: int, batch_size: int, dr
     return ds.batch(batch_size, drop_remainder=drop_remainder).map(partial(_rows, parts=2 if stage == "dpo" else 1))
 
 
+IN_MEMORY = grain.ReadOptions(num_threads=0)  # the examples are tokenized already: no reader threads
+
+
 def train_batches(
     examples: list[Example],
     stage: str,
@@ -233,7 +236,7 @@ def train_batches(
 
     def make_stream(stream: int, rows: int) -> grain.IterDataset:
         share = grain.MapDataset.source(examples)[stream::streams].shuffle(seed).repeat()
-        return _packed(share.to_iter_dataset(), stage, seq_len, rows, drop_remainder=True)
+        return _packed(share.to_iter_dataset(IN_MEMORY), stage, seq_len, rows, drop_remainder=True)
 
     return stream_batches(make_stream, batch_size, streams, process_index, process_count)
 
@@ -242,7 +245,7 @@ def eval_batches(examples: list[Example], stage: str, seq_len: int, batch_size: 
     """Up to `count` batches of the held-out examples in order; the last is filled up with
     empty rows (segment 0, no loss)."""
     batches = []
-    for b in _packed(grain.MapDataset.source(examples).to_iter_dataset(), stage, seq_len, batch_size, False):
+    for b in _packed(grain.MapDataset.source(examples).to_iter_dataset(IN_MEMORY), stage, seq_len, batch_size, False):
         missing = batch_size - len(b["tokens"])
         batches.append({k: np.pad(v, ((0, missing), (0, 0))) for k, v in b.items()})
         if len(batches) == count:

@@ -78,3 +78,16 @@ def test_every_parameter_has_logical_axes(params):
         assert len(spec) == leaf.ndim and all(isinstance(n, str) for n in spec), (path, spec)
         if "layers" in jax.tree_util.keystr(path):
             assert spec[0] == "layers" and leaf.shape[0] == CFG.n_layers
+
+
+def test_unrolled_layer_loop_computes_the_same(params):
+    """Unrolling the loop over layers changes the program, not the function: logits, the cache and
+    the gradient agree with the rolled loop."""
+    tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, CFG.vocab_size)
+    models = Llama(CFG), Llama(CFG, scan_unroll=CFG.n_layers)
+    outs = [m.apply({"params": params}, tokens, cache=init_cache(CFG, 2, 12), cache_index=0) for m in models]
+    np.testing.assert_allclose(outs[0][0], outs[1][0], atol=1e-6, rtol=0)  # float32, same arithmetic
+    np.testing.assert_allclose(outs[0][1]["k"], outs[1][1]["k"], atol=1e-6, rtol=0)
+    grads = [jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, tokens)[0] ** 2))(params) for m in models]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
