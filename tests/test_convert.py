@@ -305,6 +305,16 @@ def test_tokenizer_files_are_copied(hf, tmp_path):
     assert sorted(f.name for f in load_checkpoint(out).tokenizer_files) == ["tokenizer.model", "tokenizer_config.json"]
 
 
+def test_meta_download_layout_finds_the_shared_tokenizer(hf, tmp_path):
+    """Meta's Llama 1/2 downloads keep tokenizer.model beside the model folders, not in them."""
+    model, _ = hf("llama2-gqa")
+    write_meta_reference(model, tmp_path / "llama-2-7b", 1, "llama2-gqa")
+    (tmp_path / "tokenizer.model").write_text("fake tokenizer\n")
+    assert open_checkpoint(tmp_path / "llama-2-7b").tokenizer_files == [tmp_path / "tokenizer.model"]
+    out = convert(tmp_path / "llama-2-7b", tmp_path / "orbax", "--to", "orbax")
+    assert (out / "tokenizer.model").read_text() == "fake tokenizer\n"
+
+
 def test_train_run_directory_reads_latest_params(hf, tmp_path):
     """config.json + checkpoints/<step>/params from a CheckpointManager; unfinished steps ignored."""
     _, path = hf("llama2-gqa")

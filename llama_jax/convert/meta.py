@@ -84,6 +84,9 @@ class MetaReader(Reader):
                 raise ConvertError(f"unexpected tensor {sorted(unexpected)[0]} in {shard.path}")
         self.kv_repeats = self._kv_repeats(stored)
         super().__init__(path, stored.replace(n_kv_heads=stored.n_kv_heads // self.kv_repeats), cast)
+        shared = path.parent / "tokenizer.model"  # Llama 1/2 downloads: one tokenizer beside the model folders
+        if not self.tokenizer_files and shared.is_file():
+            self.tokenizer_files = [shared]
 
     def _axis(self, t: Tensor) -> int | None:
         return self.embedding_axis if t is EMBEDDING else t.meta_dim
