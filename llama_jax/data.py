@@ -3,11 +3,11 @@
 A *document* is one text file, one JSONL line (`field`), one Parquet row (`field` column) or one
 ArrayRecord record (UTF-8 text). The documents are dealt to `streams` independent data streams
 (stream s reads every `streams`-th one, shuffled with a seed, a new order each epoch); each
-stream's documents are tokenized (`BOS text EOS`, in grain worker processes) and packed into rows
-of `seq_len` tokens by concatenating documents and splitting at row boundaries. Each document
-gets its own segment id (1, 2, ... within a row; 0 is padding) and positions from 0, so the
-model never attends across documents, and inputs and targets are shifted within a document, so
-no target crosses into the next one.
+stream's documents are tokenized (`BOS text EOS`; in `workers` grain processes, or in this one)
+and packed into rows of `seq_len` tokens by concatenating documents and splitting at row
+boundaries. Each document gets its own segment id (1, 2, ... within a row; 0 is padding) and
+positions from 0, so the model never attends across documents, and inputs and targets are
+shifted within a document, so no target crosses into the next one.
 
 A batch is a dict of [batch, seq_len] int32 arrays: tokens, targets, positions, segment_ids,
 loss_mask. Each stream gives `batch / streams` consecutive rows of every batch, in stream order,

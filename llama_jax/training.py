@@ -306,7 +306,9 @@ def matmul_flops_per_s(dtype: Any) -> float:
 def all_stream_states(data_iter: data_lib.Streams) -> dict[str, Any]:
     """The iterator states of every process's data streams, on every process (a collective): the
     checkpoint holds all of them, so any process count can resume from it."""
-    encoded = json.dumps(data_iter.get_state())  # now: the iterators' own state objects change as they run
+    # Serialised at once: the iterators go on changing the objects get_state returns, and Orbax
+    # writes the checkpoint in the background.
+    encoded = json.dumps(data_iter.get_state())
     if jax.process_count() == 1:
         return json.loads(encoded)
     from jax.experimental import multihost_utils
