@@ -45,15 +45,15 @@ def attention(
     if implementation == "splash" and causal and t % SPLASH_BLOCKS[-1] == 0:
         return _splash(q, k, v, q_segment_ids, kv_segment_ids)
     same_doc = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
+    in_order = (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]  # key at or before the query
     if implementation == "cudnn":
         # Training and scoring use cuDNN's own causal mask, which lets the kernel skip the blocks
         # above the diagonal; decoding passes the whole mask.
-        if not causal:
-            same_doc &= (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]
-        return jax.nn.dot_product_attention(q, k, v, mask=same_doc[:, None], is_causal=causal, implementation="cudnn")
+        mask = same_doc if causal else same_doc & in_order
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal, implementation="cudnn")
     if implementation not in ("xla", "splash"):
         raise ValueError(f"unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
-    mask = same_doc & (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]
+    mask = same_doc & in_order
     qg = q.reshape(b, t, kv, h // kv, d)
     scores = einsum_f32("btkgd,bskd->bkgts", qg, k) * d**-0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)

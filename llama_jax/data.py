@@ -336,18 +336,28 @@ def _slices_as_tuples(state: Any) -> Any:
 
 
 def stream_batches(
-    make_stream: Callable[[int, int], grain.IterDataset],
+    items: grain.MapDataset,
+    pack: Callable[[grain.MapDataset, int], grain.IterDataset],
     batch_size: int,
+    seed: int,
     streams: int,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Streams:
-    """This process's rows of every global batch of `batch_size`: `make_stream(stream, rows)` makes
-    the endless batches of `rows = batch_size / streams` rows of one stream."""
+    """This process's rows of every global batch of `batch_size`. The items (documents, examples)
+    are dealt to the streams, stream s taking every `streams`-th one, reshuffled each epoch;
+    `pack(share, rows)` turns a stream's endless items into batches of `batch_size / streams` rows."""
     if batch_size % streams:
         raise DataError(f"batch size {batch_size} is not divisible by {streams} data streams")
+    if len(items) < streams:
+        raise DataError(f"{len(items)} training items cannot feed {streams} data streams; pass --data-streams")
     rows = batch_size // streams
-    return Streams({s: make_stream(s, rows) for s in local_streams(streams, process_index, process_count)})
+    return Streams(
+        {
+            s: pack(items[s::streams].shuffle(seed).repeat(), rows)
+            for s in local_streams(streams, process_index, process_count)
+        }
+    )
 
 
 def train_batches(
@@ -362,17 +372,13 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
 ) -> Streams:
-    """Endless batches (`batch_size` rows in all processes together; this process's block of rows),
-    each stream reshuffled every epoch; `workers` tokenizing processes per stream."""
+    """Endless batches of packed documents (`batch_size` rows in all processes together; this
+    process's block of rows); `workers` tokenizing processes per stream."""
 
-    if len(docs) < streams:
-        raise DataError(f"{len(docs)} training documents cannot feed {streams} data streams; pass --data-streams")
-
-    def make_stream(stream: int, rows: int) -> grain.IterDataset:
-        share = docs[stream::streams].shuffle(seed).repeat()
+    def pack(share: grain.MapDataset, rows: int) -> grain.IterDataset:
         return packed_batches(share, tokenizer_path, seq_len, rows, workers, shuffle_window, seed)
 
-    return stream_batches(make_stream, batch_size, streams, process_index, process_count)
+    return stream_batches(docs, pack, batch_size, seed, streams, process_index, process_count)
 
 
 def eval_batches(docs: grain.MapDataset, tokenizer_path: str, seq_len: int, batch_size: int, count: int) -> list[Batch]:

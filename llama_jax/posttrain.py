@@ -231,14 +231,12 @@ def train_batches(
 ) -> Streams:
     """Endless batches of the examples dealt to `streams` data streams (see llama_jax/data.py),
     each reshuffled every epoch; this process's block of rows."""
-    if len(examples) < streams:
-        raise DataError(f"{len(examples)} training examples cannot feed {streams} data streams")
 
-    def make_stream(stream: int, rows: int) -> grain.IterDataset:
-        share = grain.MapDataset.source(examples)[stream::streams].shuffle(seed).repeat()
+    def pack(share: grain.MapDataset, rows: int) -> grain.IterDataset:
         return _packed(share.to_iter_dataset(IN_MEMORY), stage, seq_len, rows, drop_remainder=True)
 
-    return stream_batches(make_stream, batch_size, streams, process_index, process_count)
+    source = grain.MapDataset.source(examples)
+    return stream_batches(source, pack, batch_size, seed, streams, process_index, process_count)
 
 
 def eval_batches(examples: list[Example], stage: str, seq_len: int, batch_size: int, count: int) -> list[dict]:
