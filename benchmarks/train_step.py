@@ -26,7 +26,14 @@ from llama_jax.config import flops_per_token, get_preset
 from llama_jax.errors import ArgumentParser, UserError, run_cli
 from llama_jax.model import REMAT_POLICIES, Llama
 from llama_jax.optim import lr_schedule, make_optimizer
-from llama_jax.training import attention_impl, compute_dtype, init_state, make_train_step, matmul_flops_per_s
+from llama_jax.training import (
+    attention_impl,
+    compute_dtype,
+    init_state,
+    layer_unroll,
+    make_train_step,
+    matmul_flops_per_s,
+)
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -44,8 +51,7 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
 def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
     cfg = get_preset(preset)
     attention = attention_impl(attention, dtype)
-    unroll = unroll or cfg.n_layers
-    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=unroll)
+    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=layer_unroll(unroll, cfg.n_layers))
     schedule = lr_schedule(3e-4, 10, 1000, 0.1)
     optimizer = make_optimizer(schedule)
     state = jax.jit(partial(init_state, cfg, optimizer))(jax.random.key(0))
@@ -90,7 +96,7 @@ def row(preset: str, batch_size: int, remat: str, attention: str, unroll: int, a
         "batch x seq": f"{batch_size} x {args.seq_len}",
         "remat": remat,
         "attention": attention_impl(attention, dtype),
-        "unroll": str(unroll or cfg.n_layers),
+        "unroll": str(layer_unroll(unroll, cfg.n_layers)),
     }
     try:
         return head | benchmark(preset, batch_size, remat, attention, unroll, args, peak, dtype)
@@ -118,7 +124,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--remat", default="none", help=f"comma-separated, of {', '.join(REMAT_POLICIES)}")
     parser.add_argument("--attention", default="auto", help="comma-separated, of auto, xla, cudnn, splash")
-    parser.add_argument("--unroll", default="1", help="comma-separated layers per loop iteration (0: all)")
+    parser.add_argument(
+        "--unroll", default="0", help="comma-separated layers per loop iteration (0: auto, all on GPUs, 1 elsewhere)"
+    )
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--loss-chunk", type=int, default=512)
     parser.add_argument("--profile", metavar="DIR", help="also trace two steps with jax.profiler into DIR")
@@ -143,7 +151,7 @@ def main(argv: list[str]) -> int:
     print(
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), compute {jnp.dtype(dtype).name}, parameters float32"
     )
-    print(f"measured matmul rate: {peak / 1e12:.1f} TFLOP/s", flush=True)
+    print(f"measured matmul rate: {peak / 1e12:.3g} TFLOP/s", flush=True)
     grid = itertools.product(presets, batch_sizes, remats, attentions, unrolls)
     print_table([row(*combination, args, peak, dtype) for combination in grid])
     return 0

@@ -5,13 +5,16 @@ Queries sit at cache slots `q_offset + t`; key slot `s` is visible to a query wh
 KV-cache decoding all use this one rule: padding gets segment 0 and so never mixes with
 real tokens (segment ids >= 1).
 
-Implementations: "xla" (the reference, any backend), "cudnn" (fused, GPUs) and "splash"
-(Pallas splash attention, TPUs). Splash attention walks the causal mask block by block and skips
-the blocks above the diagonal, never materialising the [T, S] scores, and it reads each KV head
-once for its group of query heads (no repeated k/v). It only covers the no-cache case (queries at
-slots 0..T-1 of their own T keys) at lengths divisible by 128; decoding and other lengths (a short
-scoring batch, say) fall back to the XLA path, which computes the same function. Off TPU it runs in
-Pallas' interpreter (slow: for tests)."""
+Implementations: "xla" (the reference, any backend), "cudnn" (fused, GPUs, through
+`jax.nn.dot_product_attention`: the document mask becomes an additive bias), "splash" (Pallas
+splash attention, TPUs) and "tokamax" (Google's Pallas kernel library, the `cuda` extra: its
+Mosaic GPU flash attention on Hopper and later, Triton on older GPUs, XLA elsewhere). Splash
+attention walks the causal mask block by block and skips the blocks above the diagonal, never
+materialising the [T, S] scores, and it reads each KV head once for its group of query heads (no
+repeated k/v). The kernels cover the no-cache case (queries at slots 0..T-1 of their own T keys)
+at lengths divisible by 128; decoding and other lengths (a short scoring batch, say) fall back to
+the XLA path, which computes the same function. Off TPU splash runs in Pallas' interpreter (slow:
+for tests)."""
 
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.precision import einsum_f32
 
-IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+IMPLEMENTATIONS = ("xla", "cudnn", "splash", "tokamax")
 SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the sequence; splash needs multiples of 128
 
 
@@ -42,8 +45,9 @@ def attention(
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     causal = isinstance(q_offset, int) and q_offset == 0 and t == s  # queries at slots 0..T-1
-    if implementation == "splash" and causal and t % SPLASH_BLOCKS[-1] == 0:
-        return _splash(q, k, v, q_segment_ids, kv_segment_ids)
+    if implementation in ("splash", "tokamax") and causal and t % SPLASH_BLOCKS[-1] == 0:
+        kernel = _splash if implementation == "splash" else _tokamax
+        return _per_device(kernel, q, k, v, q_segment_ids, kv_segment_ids)
     same_doc = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
     in_order = (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]  # key at or before the query
     if implementation == "cudnn":
@@ -51,7 +55,7 @@ def attention(
         # above the diagonal; decoding passes the whole mask.
         mask = same_doc if causal else same_doc & in_order
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], is_causal=causal, implementation="cudnn")
-    if implementation not in ("xla", "splash"):
+    if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
     mask = same_doc & in_order
     qg = q.reshape(b, t, kv, h // kv, d)
@@ -75,21 +79,31 @@ def _splash_kernel(heads: int, length: int, block: int, interpret: bool) -> spla
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _splash(q, k, v, q_segment_ids, kv_segment_ids):
-    """Splash attention over the batch, inside a shard_map over the current mesh (Mosaic kernels
+def _splash(q, k, v, q_seg, kv_seg, platform: str):
+    kernel = _splash_kernel(q.shape[2], q.shape[1], splash_block(q.shape[1]), platform != "tpu")
+    q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale the scores
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
+    seg = splash.SegmentIds(q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
+    return heads_first(jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v), seg))
+
+
+def _tokamax(q, k, v, q_seg, kv_seg, platform: str):
+    import tokamax  # the `cuda` extra
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # tokamax reads its options from absl flags, else parsing our sys.argv
+        flags.FLAGS.mark_as_parsed()
+    same_doc = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]  # [B, 1, T, S]
+    return tokamax.dot_product_attention(q, k, v, mask=same_doc, is_causal=True)
+
+
+def _per_device(kernel, q, k, v, q_segment_ids, kv_segment_ids):
+    """A Pallas kernel over the batch, inside a shard_map over the current mesh (Pallas kernels
     are not partitioned automatically): each device runs it on its own rows and heads, with whole
-    sequences (the kernel needs every key of its queries). Off TPU the kernel is interpreted."""
-    mesh = jax.sharding.get_abstract_mesh()  # the target devices (TPUs also when compiling ahead of time)
+    sequences (the kernel needs every key of its queries)."""
+    mesh = jax.sharding.get_abstract_mesh()  # the target devices (also when compiling ahead of time)
     platform = jax.default_backend() if mesh.empty or mesh.abstract_device is None else mesh.abstract_device.platform
-
-    def local(q, k, v, q_seg, kv_seg):
-        kernel = _splash_kernel(q.shape[2], q.shape[1], splash_block(q.shape[1]), platform != "tpu")
-        q = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)  # the kernel does not scale the scores
-        heads_first = lambda x: x.transpose(0, 2, 1, 3)  # [B, T, H, D] -> [B, H, T, D]
-        seg = splash.SegmentIds(q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32))
-        out = jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v), seg)
-        return heads_first(out)
-
+    local = functools.partial(kernel, platform=platform)
     if mesh.empty or mesh.size == 1:
         return local(q, k, v, q_segment_ids, kv_segment_ids)
     # Rows and heads split as the model's activations are under the active rules; a query head's

@@ -23,7 +23,7 @@ from llama_jax.model import REMAT_POLICIES
 
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
 DTYPES = ("auto", "float32", "bfloat16")
-ATTENTION = ("auto", "xla", "cudnn", "splash")
+ATTENTION = ("auto", "xla", "cudnn", "splash", "tokamax")
 STAGES = ("pretrain", "sft", "dpo")
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
@@ -93,6 +93,7 @@ class TrainConfig:
         "auto", "attention kernel ('auto': Pallas splash on TPUs, cuDNN on GPUs, else XLA)", ATTENTION
     )
     loss_chunk: int = _opt(512, "sequence positions per chunk of output logits in the loss")
+    scan_unroll: int = _opt(0, "layers per iteration of the loop over layers (0: auto, all on GPUs, 1 elsewhere)")
     # Scale-out.
     sharding: str = _opt("fsdp", "sharding plan: a name in sharding/ or a .toml path")
     coordinator: str = _opt("", "multi-host: HOST:PORT of process 0 (pods and SLURM are detected without it)")
@@ -120,7 +121,7 @@ class TrainConfig:
         for name in positive.split():
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in "warmup_steps eval_every workers sample_tokens lr weight_decay z_loss".split():
+        for name in "warmup_steps eval_every workers sample_tokens lr weight_decay z_loss scan_unroll".split():
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.data_streams < 0:

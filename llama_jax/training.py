@@ -3,8 +3,9 @@
 
 `make_train_step(...)` returns `train_step(state, batch) -> (state, metrics)`, a pure function
 with no mesh knowledge: callers jit it with whatever shardings they like. The loss never holds
-the full [B, T, vocab] logits: a fused linear + cross-entropy (`token_losses`) runs the output
-projection `loss_chunk` positions at a time, forward and backward.
+the full [B, T, vocab] logits: a fused linear + cross-entropy runs the output projection
+`loss_chunk` positions at a time (`weighted_loss` for the summed objective, its gradient made in
+the same pass; `token_losses` for per-token values, as DPO needs).
 
 A run directory holds config.json (the model's LlamaConfig), train_config.toml (the resolved
 training configuration), tokenizer.model, metrics.jsonl, tensorboard/ and checkpoints/: an
@@ -90,15 +91,33 @@ def _unchunk(x: jax.Array, t: int) -> jax.Array:
     return x.swapaxes(0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :t]
 
 
+def _chunk_logits(h: jax.Array, w: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A chunk's float32 logits, log Z and cross-entropy (log Z - logit[target])."""
+    logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    return logits, log_z, log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def _chunk_grads(h, w, targets, logits, log_z, g_xent, g_log_z, grad_kernel: bool = True):
+    """d_h and the float32 d_w of sum(g_xent * xent + g_log_z * log Z) over a chunk: both terms
+    move with the softmax, the cross-entropy also with the target's logit."""
+    probs = jnp.exp(logits - log_z[..., None])
+    target = jnp.arange(logits.shape[-1]) == targets[..., None]
+    d_logits = ((g_xent + g_log_z)[..., None] * probs - jnp.where(target, g_xent[..., None], 0.0)).astype(h.dtype)
+    d_w = jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32) if grad_kernel else None
+    return jnp.einsum("bcv,dv->bcd", d_logits, w), d_w
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def token_losses(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy and log-partition log Z per token, [B, T] float32, from hidden states
     [B, T, D] and the output projection [D, V], making logits for `chunk` positions at a time.
 
-    A fused linear + cross-entropy: the forward and the backward pass each loop over the chunks
-    (the backward recomputes a chunk's logits), so no more than one chunk of logits ever exists,
-    the projection is cast to the compute dtype once, and its gradient accumulates in float32 in
-    the loop's carry."""
+    A fused linear + cross-entropy for any downstream use of the per-token values (DPO sums
+    them per sequence): the forward and the backward pass each loop over the chunks (the backward
+    recomputes a chunk's logits), so no more than one chunk of logits ever exists, the projection
+    is cast to the compute dtype once, and its gradient accumulates in float32 in the loop's
+    carry. `weighted_loss` is the cheaper form for a plain weighted sum."""
     return _token_losses_fwd(hidden, kernel, targets, chunk)[0]
 
 
@@ -106,12 +125,9 @@ def _token_losses_fwd(hidden, kernel, targets, chunk):
     w = kernel.astype(hidden.dtype)
 
     def one_chunk(_, args):
-        h, tgt = args
-        logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
-        return None, (log_z - jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0], log_z)
+        return None, _chunk_logits(args[0], w, args[1])[1:]
 
-    _, (xent, log_z) = jax.lax.scan(one_chunk, None, (_chunks(hidden, chunk), _chunks(targets, chunk)))
+    _, (log_z, xent) = jax.lax.scan(one_chunk, None, (_chunks(hidden, chunk), _chunks(targets, chunk)))
     t = hidden.shape[1]
     return (_unchunk(xent, t), _unchunk(log_z, t)), (hidden, kernel, targets, log_z)
 
@@ -124,12 +140,8 @@ def _token_losses_bwd(chunk, residuals, cotangents):
     def one_chunk(d_kernel, args):
         h, tgt, lz, gx, gz = args
         logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
-        probs = jnp.exp(logits - lz[..., None])  # xent = log Z - logit[target]; both move with the softmax
-        target = jnp.arange(logits.shape[-1]) == tgt[..., None]
-        d_logits = ((gx + gz)[..., None] * probs - jnp.where(target, gx[..., None], 0.0)).astype(h.dtype)
-        d_h = jnp.einsum("bcv,dv->bcd", d_logits, w)
-        d_kernel += jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
-        return d_kernel, d_h
+        d_h, d_w = _chunk_grads(h, w, tgt, logits, lz, gx, gz)
+        return d_kernel + d_w, d_h
 
     chunks = (_chunks(hidden, chunk), _chunks(targets, chunk), log_z, g_xent, g_log_z)
     d_kernel, d_hidden = jax.lax.scan(one_chunk, jnp.zeros(kernel.shape, jnp.float32), chunks)
@@ -139,15 +151,74 @@ def _token_losses_bwd(chunk, residuals, cotangents):
 token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
-def target_losses(model: Llama, params: Params, batch: Batch, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Cross-entropy and log Z [B, T] of the batch's targets (`token_losses`)."""
-    hidden, _ = model.apply(
+def _weighted_sums(xent, log_z, weights, z_loss):
+    xent_sum = jnp.sum(xent * weights)
+    return xent_sum + z_loss * jnp.sum(log_z**2 * weights), xent_sum
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def weighted_loss(
+    hidden: jax.Array, kernel: jax.Array, targets: jax.Array, weights: jax.Array, z_loss: float, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """(sum(weights * xent) + z_loss * sum(weights * log Z**2), sum(weights * xent)): the
+    pre-training and fine-tuning objective over tokens [B, T], and its cross-entropy part.
+
+    The fused linear + cross-entropy of `token_losses` with the gradient made in the forward
+    pass: a scalar objective's cotangent only scales it, so each chunk's logits are computed
+    once, not again in the backward pass (a quarter of the output projection's FLOPs and a pass
+    over the logits saved). Without differentiation no gradient is made. With a z-loss only the
+    objective is differentiable."""
+    return _weighted_sums(*token_losses(hidden, kernel, targets, chunk), weights, z_loss)
+
+
+def _weighted_loss_fwd(hidden, kernel, targets, weights, z_loss, chunk):
+    grad_kernel = kernel.perturbed  # a frozen projection (LoRA) needs no gradient
+    hidden, kernel, targets, weights = hidden.value, kernel.value, targets.value, weights.value
+    w = kernel.astype(hidden.dtype)
+
+    def one_chunk(d_kernel, args):
+        h, tgt, wt = args
+        logits, log_z, xent = _chunk_logits(h, w, tgt)
+        d_h, d_w = _chunk_grads(h, w, tgt, logits, log_z, wt, 2 * z_loss * wt * log_z, grad_kernel)
+        return (d_kernel + d_w if grad_kernel else None), (xent, log_z, d_h)
+
+    chunks = (_chunks(hidden, chunk), _chunks(targets, chunk), _chunks(weights.astype(jnp.float32), chunk))
+    d_kernel = jnp.zeros(kernel.shape, jnp.float32) if grad_kernel else None
+    d_kernel, (xent, log_z, d_hidden) = jax.lax.scan(one_chunk, d_kernel, chunks)
+    t = hidden.shape[1]
+    sums = _weighted_sums(_unchunk(xent, t), _unchunk(log_z, t), weights, z_loss)
+    return sums, (_unchunk(d_hidden, t), None if d_kernel is None else d_kernel.astype(kernel.dtype))
+
+
+def _weighted_loss_bwd(z_loss, chunk, residuals, cotangents):
+    d_hidden, d_kernel = residuals
+    g, g_xent = (None if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cotangents)
+    if g_xent is not None:
+        if z_loss:  # the two outputs differ by the z-loss, whose gradient alone is not kept
+            raise TypeError("weighted_loss: with a z-loss, differentiate the objective, not its cross-entropy part")
+        g = g_xent if g is None else g + g_xent  # without one they are the same function
+    if g is None:
+        return None, None, None, None
+    d_kernel = None if d_kernel is None else (g * d_kernel).astype(d_kernel.dtype)
+    return (g * d_hidden).astype(d_hidden.dtype), d_kernel, None, None
+
+
+weighted_loss.defvjp(_weighted_loss_fwd, _weighted_loss_bwd, symbolic_zeros=True)
+
+
+def _hidden(model: Llama, params: Params, batch: Batch) -> jax.Array:
+    return model.apply(
         {"params": params},
         batch["tokens"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
         return_hidden=True,
-    )
+    )[0]
+
+
+def target_losses(model: Llama, params: Params, batch: Batch, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy and log Z [B, T] of the batch's targets (`token_losses`)."""
+    hidden = _hidden(model, params, batch)
     return token_losses(hidden, output_kernel(model.cfg, params), batch["targets"], loss_chunk)
 
 
@@ -155,10 +226,11 @@ def loss_sums(
     model: Llama, params: Params, batch: Batch, loss_chunk: int, z_loss: float = 0.0
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
     """(objective summed over tokens, (cross-entropy sum, token count)); loss_mask weights tokens."""
-    xent, log_z = target_losses(model, params, batch, loss_chunk)
     weights = batch["loss_mask"].astype(jnp.float32)
-    xent_sum = jnp.sum(xent * weights)
-    return xent_sum + z_loss * jnp.sum(log_z**2 * weights), (xent_sum, jnp.sum(weights))
+    hidden = _hidden(model, params, batch)
+    kernel = output_kernel(model.cfg, params)
+    objective, xent_sum = weighted_loss(hidden, kernel, batch["targets"], weights, z_loss, loss_chunk)
+    return objective, (xent_sum, jnp.sum(weights))
 
 
 def objective(
@@ -206,14 +278,15 @@ def make_train_step(
         micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
         rng = jax.random.fold_in(jax.random.key(tuning.seed), state.step)
 
-        def accumulate(acc, xs):
-            i, micro_batch = xs
-            grads_and_sums = grad_fn(state.params, state.frozen, micro_batch, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, acc, grads_and_sums), None
+        def grads_of(i):
+            micro_batch = jax.tree.map(lambda x: x[i], micro)
+            return grad_fn(state.params, state.frozen, micro_batch, jax.random.fold_in(rng, i))
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, state.frozen, first, rng))
-        (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+        def accumulate(acc, i):
+            return jax.tree.map(jnp.add, acc, grads_of(i)), None
+
+        # The first micro-batch starts the sums (no zero-filled buffers; nothing else at grad_accum 1).
+        (grads, sums), _ = jax.lax.scan(accumulate, grads_of(0), jnp.arange(1, grad_accum))
         count = jnp.maximum(sums.pop("count"), 1)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -454,6 +527,18 @@ def attention_impl(name: str, dtype: Any, backend: str | None = None) -> str:
         fused = backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         return "cudnn" if fused else "xla"
     return name
+
+
+def layer_unroll(setting: int, n_layers: int, backend: str | None = None) -> int:
+    """Layers per iteration of the loop over layers; 0 ('auto'): all of them on GPUs, one elsewhere.
+
+    Looping over stacked layers makes XLA's GPU backend copy each layer's weights out of the
+    stack and write saved activations and weight gradients into all-layer buffers: about half the
+    non-matmul memory traffic of a train step (BENCHMARKS.md). TPUs keep the loop, whose compile
+    time stays flat in the depth."""
+    if setting:
+        return min(setting, n_layers)
+    return n_layers if (backend or jax.default_backend()) == "gpu" else 1
 
 
 class _Preemption:
@@ -721,7 +806,9 @@ def build_step(
 ) -> BuiltStep:
     """The model, optimizer, mesh, state layout and jitted train step of a run; training and
     --compile-only (with a TPU topology's devices) share it."""
-    model = Llama(model_cfg, dtype=dtype, param_dtype=jnp.float32, remat=cfg.remat, attention_impl=attention)
+    backend = devices[0].platform if devices else None
+    unroll = layer_unroll(cfg.scan_unroll, model_cfg.n_layers, backend)
+    model = Llama(model_cfg, dtype, jnp.float32, cfg.remat, attention, scan_unroll=unroll)
     schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)
     plan = sharding.load_plan(cfg.sharding)

@@ -1,6 +1,8 @@
-"""Splash attention (the Pallas TPU kernel, run in Pallas' interpreter on CPU) against the XLA
-reference: packed documents, padding, grouped-query heads, gradients, sharding, and the kernel
-compiled ahead of time into a TPU train step."""
+"""The kernel implementations against the XLA reference: splash attention (the Pallas TPU kernel,
+run in Pallas' interpreter on CPU) and tokamax (on CPU its XLA backend: this checks our use of it
+-- layout, mask, heads, sharding -- while benchmarks/attention.py checks its GPU kernels): packed
+documents, padding, grouped-query heads, gradients, sharding, and the splash kernel compiled ahead
+of time into a TPU train step."""
 
 import flax.linen as nn
 import jax
@@ -56,7 +58,8 @@ def rel(a, b) -> float:
         (jnp.bfloat16, 2e-2),
     ],
 )
-def test_splash_matches_xla_on_packed_gqa_batch(dtype, tol, monkeypatch):
+@pytest.mark.parametrize("impl", ["splash", "tokamax"])
+def test_kernel_matches_xla_on_packed_gqa_batch(impl, dtype, tol, monkeypatch):
     """Output and gradients wrt q, k, v, with 128-token blocks: a 2x2 block grid, so the kernel
     skips the block above the diagonal and masks the diagonal ones."""
     monkeypatch.setattr(attention_lib, "SPLASH_BLOCKS", (128,))
@@ -69,15 +72,15 @@ def test_splash_matches_xla_on_packed_gqa_batch(dtype, tol, monkeypatch):
         out, vjp = jax.vjp(f, q, k, v)
         return out, vjp(cot)
 
-    out, grads = run("splash")
+    out, grads = run(impl)
     ref_out, ref_grads = run("xla")
     errors = [rel(out, ref_out)] + [rel(g, r) for g, r in zip(grads, ref_grads, strict=True)]
     print(f"{jnp.dtype(dtype).name} relative errors out, dq, dk, dv: {errors}")
     assert max(errors) < tol, errors
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_splash_output_ignores_other_documents(seed):
+@pytest.mark.parametrize("impl, seed", [("splash", 0), ("splash", 1), ("tokamax", 0)])
+def test_kernel_output_ignores_other_documents(impl, seed):
     """Replacing one document's q, k and v leaves every other document's output (and padding's)
     exactly unchanged: masked scores contribute exact zeros, whatever their values."""
     seg = packed_segments(seed, b=1)
@@ -85,24 +88,25 @@ def test_splash_output_ignores_other_documents(seed):
     other = seg == 2
     fresh = qkv(seed + 10, jnp.float32, b=1)
     new_q, new_k, new_v = (jnp.where(other[..., None, None], 5 * y, x) for x, y in zip((q, k, v), fresh, strict=True))
-    run = lambda q, k, v: np.asarray(attention(q, k, v, jnp.asarray(seg), jnp.asarray(seg), 0, "splash"))
+    run = lambda q, k, v: np.asarray(attention(q, k, v, jnp.asarray(seg), jnp.asarray(seg), 0, impl))
     before, after = run(q, k, v), run(new_q, new_k, new_v)
     np.testing.assert_array_equal(after[~other], before[~other])
     assert not np.allclose(after[other], before[other])  # the changed document itself does change
 
 
-def test_splash_falls_back_to_xla_for_decoding_and_untileable_lengths():
+@pytest.mark.parametrize("impl", ["splash", "tokamax"])
+def test_kernel_falls_back_to_xla_for_decoding_and_untileable_lengths(impl):
     seg = jnp.ones((1, 8), jnp.int32)
     kv_seg = jnp.ones((1, 16), jnp.int32)
     q, k, v = qkv(3, jnp.float32, b=1, t=16)
     q = q[:, :8]
     for offset in (jnp.int32(8), 0):  # traced offset, and T != S: both the XLA path
         np.testing.assert_array_equal(
-            attention(q, k, v, seg, kv_seg, offset, "splash"), attention(q, k, v, seg, kv_seg, offset, "xla")
+            attention(q, k, v, seg, kv_seg, offset, impl), attention(q, k, v, seg, kv_seg, offset, "xla")
         )
     q, k, v = qkv(3, jnp.float32, b=1, t=192)  # not a multiple of the 128-token tile
     seg = jnp.ones((1, 192), jnp.int32)
-    np.testing.assert_array_equal(attention(q, k, v, seg, seg, 0, "splash"), attention(q, k, v, seg, seg, 0, "xla"))
+    np.testing.assert_array_equal(attention(q, k, v, seg, seg, 0, impl), attention(q, k, v, seg, seg, 0, "xla"))
 
 
 @pytest.mark.parametrize(
@@ -112,14 +116,15 @@ def test_splash_falls_back_to_xla_for_decoding_and_untileable_lengths():
         (("batch", "data"), ("heads", "tensor")),  # KV heads replicated: q heads must follow them
     ],
 )
-def test_splash_sharded_over_batch_and_heads_matches_xla(rules):
+@pytest.mark.parametrize("impl", ["splash", "tokamax"])
+def test_kernel_sharded_over_batch_and_heads_matches_xla(impl, rules):
     """Under a mesh each device runs the kernel on its own rows and heads (a shard_map); every query
     head stays on the device of its KV head."""
     mesh = Mesh(np.asarray(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
     seg = jnp.asarray(packed_segments(4))
     q, k, v = qkv(4, jnp.float32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        out = jax.jit(lambda q, k, v: attention(q, k, v, seg, seg, 0, "splash"))(q, k, v)
+        out = jax.jit(lambda q, k, v: attention(q, k, v, seg, seg, 0, impl))(q, k, v)
     assert rel(out, attention(q, k, v, seg, seg, 0, "xla")) < 1e-5
 
 

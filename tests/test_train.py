@@ -15,11 +15,13 @@ from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 from llama_jax.train_config import TrainConfig, build_parser, parse_args
 from llama_jax.training import (
     init_state,
+    layer_unroll,
     loss_sums,
     make_eval_step,
     make_train_step,
     output_kernel,
     token_losses,
+    weighted_loss,
 )
 
 CFG = get_preset("tiny-llama2")
@@ -43,14 +45,40 @@ def test_chunked_loss_and_gradient_match_full_logits(chunk):
     weights = jax.random.uniform(k3, (2, 16))  # a weighted cross-entropy plus a z-loss reach both outputs
 
     def objective(losses):
-        return lambda h, k: jnp.sum(weights * losses(h, k)[0]) + 0.3 * jnp.sum(losses(h, k)[1] ** 2)
+        return lambda h, k: jnp.sum(weights * losses(h, k)[0]) + 0.3 * jnp.sum(weights * losses(h, k)[1] ** 2)
 
     ours = objective(lambda h, k: token_losses(h, k, targets, chunk))
     full = objective(lambda h, k: (reference_losses(h, k, targets), jax.nn.logsumexp(h @ k, axis=-1)))
-    grads = jax.jit(jax.grad(ours, argnums=(0, 1)))(hidden, kernel)
     expected = jax.grad(full, argnums=(0, 1))(hidden, kernel)
-    for got, want in zip(grads, expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # weighted_loss: the same objective, its gradient made in the forward pass.
+    fused = partial(weighted_loss, targets=targets, weights=weights, z_loss=0.3, chunk=chunk)
+    np.testing.assert_allclose(jax.jit(fused)(hidden, kernel)[0], full(hidden, kernel), rtol=1e-6)
+    for grad_fn in (jax.grad(ours, argnums=(0, 1)), jax.grad(lambda h, k: fused(h, k)[0], argnums=(0, 1))):
+        for got, want in zip(jax.jit(grad_fn)(hidden, kernel), expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_weighted_loss_gradients_of_its_outputs():
+    """Scaled cotangents scale the gradient; without a z-loss the cross-entropy output is the
+    objective; with one, differentiating it is an error, not a wrong gradient; a frozen
+    projection gets no gradient work."""
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    hidden, kernel = jax.random.normal(k1, (2, 8, 4)), jax.random.normal(k2, (4, 30))
+    targets, weights = jax.random.randint(k3, (2, 8), 0, 30), jnp.ones((2, 8))
+    loss = partial(weighted_loss, targets=targets, weights=weights, chunk=4)
+    plain = jax.grad(lambda h: loss(h, kernel, z_loss=0.0)[0])(hidden)
+    np.testing.assert_allclose(jax.grad(lambda h: 3 * loss(h, kernel, z_loss=0.0)[0])(hidden), 3 * plain, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda h: loss(h, kernel, z_loss=0.0)[1])(hidden), plain, rtol=1e-6)
+    with pytest.raises(TypeError, match="with a z-loss, differentiate the objective"):
+        jax.grad(lambda h: loss(h, kernel, z_loss=0.1)[1])(hidden)
+    frozen = jax.grad(lambda h: loss(h, jax.lax.stop_gradient(kernel), z_loss=0.0)[0])
+    np.testing.assert_allclose(jax.jit(frozen)(hidden), plain, rtol=1e-6)
+    trained = jax.grad(lambda h, k: loss(h, k, z_loss=0.0)[0], argnums=(0, 1))
+    matmuls = (
+        str(jax.make_jaxpr(f)(*args)).count("dot_general")
+        for f, args in ((trained, (hidden, kernel)), (frozen, (hidden,)))
+    )
+    assert tuple(matmuls) == (3, 2)  # logits, d_hidden (, d_kernel)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -255,3 +283,8 @@ def test_help_lists_every_option_with_its_default():
     for flag in ("--save-every", "--log-every", "--eval-every", "--seed", "--stage", "--init-from"):
         assert flag in text
     assert text.count("(default:") == len(dataclasses.fields(TrainConfig))
+
+
+def test_layer_loop_is_unrolled_on_gpus_by_default():
+    assert [layer_unroll(0, 16, backend) for backend in ("gpu", "tpu", "cpu")] == [16, 1, 1]
+    assert (layer_unroll(4, 16, "tpu"), layer_unroll(99, 16, "gpu")) == (4, 16)
