@@ -307,8 +307,13 @@ def get_preset(name: str) -> LlamaConfig:
         raise ConfigError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
-def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6 x matmul parameters + causal attention (fwd+bwd)."""
+def flops_per_token(cfg: LlamaConfig, seq_len: int, weight_grads: bool = True, extra_forwards: int = 0) -> float:
+    """Model FLOPs per trained token (rematerialisation not counted): the matmuls' 2 x parameters
+    forward, 2 x backward for the activations' gradients and 2 x for the weights' (LoRA skips those;
+    its adapters are negligible), causal attention forward and twice that backward, and
+    `extra_forwards` forward passes without gradients (DPO's reference)."""
     matmul_params = cfg.num_params - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
-    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len  # 12 * L*H*hd*T / 2 (causal)
-    return 6 * matmul_params + attention
+    attention = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len  # 4 * L*H*hd*T / 2 (causal)
+    forward = 2 * matmul_params + attention
+    backward = (4 if weight_grads else 2) * matmul_params + 2 * attention
+    return (1 + extra_forwards) * forward + backward

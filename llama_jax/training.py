@@ -702,7 +702,9 @@ def train(cfg: TrainConfig) -> None:
 
     log = MetricsLog(out, start)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    model_flops = flops_per_token(model_cfg, cfg.seq_len) * tokens_per_step
+    model_flops = tokens_per_step * flops_per_token(
+        model_cfg, cfg.seq_len, weight_grads=tuning.lora is None, extra_forwards=int(tuning.stage == "dpo")
+    )
     peak = matmul_flops_per_s(dtype) * jax.device_count()
     print(
         f"model {model_cfg.num_params / 1e6:.1f}M parameters, {tokens_per_step} tokens per step, "

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from llama_jax.config import ConfigError, get_preset
+from llama_jax.config import ConfigError, flops_per_token, get_preset
 from llama_jax.model import Llama, init_params
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 from llama_jax.train_config import TrainConfig, build_parser, parse_args
@@ -288,3 +288,16 @@ def test_help_lists_every_option_with_its_default():
 def test_layer_loop_is_unrolled_on_gpus_by_default():
     assert [layer_unroll(0, 16, backend) for backend in ("gpu", "tpu", "cpu")] == [16, 1, 1]
     assert (layer_unroll(4, 16, "tpu"), layer_unroll(99, 16, "gpu")) == (4, 16)
+
+
+def test_model_flops_count_what_each_stage_computes():
+    """6N + causal attention for full training; LoRA skips the weight gradients (4N); DPO adds the
+    reference's forward pass (2N and a third of the attention)."""
+    cfg, t = get_preset("llama3.2-1b"), 4096
+    n = cfg.num_params  # tied embeddings: the output projection is the only use that costs FLOPs
+    attention = 6 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t
+    assert flops_per_token(cfg, t) == 6 * n + attention
+    assert flops_per_token(cfg, t, weight_grads=False) == 4 * n + attention
+    assert flops_per_token(cfg, t, extra_forwards=1) == 8 * n + attention * 4 / 3
+    untied = get_preset("llama3-8b")  # the input embedding is a lookup, not a matmul
+    assert flops_per_token(untied, 1) == 6 * (untied.num_params - untied.vocab_size * untied.dim) + 6 * 32 * 32 * 128
