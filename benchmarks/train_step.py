@@ -51,7 +51,7 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
 def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
     cfg = get_preset(preset)
     attention = attention_impl(attention, dtype)
-    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=layer_unroll(unroll, cfg.n_layers))
+    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=layer_unroll(unroll, cfg.n_layers, remat))
     schedule = lr_schedule(3e-4, 10, 1000, 0.1)
     optimizer = make_optimizer(schedule)
     state = jax.jit(partial(init_state, cfg, optimizer))(jax.random.key(0))
@@ -96,7 +96,7 @@ def row(preset: str, batch_size: int, remat: str, attention: str, unroll: int, a
         "batch x seq": f"{batch_size} x {args.seq_len}",
         "remat": remat,
         "attention": attention_impl(attention, dtype),
-        "unroll": str(layer_unroll(unroll, cfg.n_layers)),
+        "unroll": str(layer_unroll(unroll, cfg.n_layers, remat)),
     }
     try:
         return head | benchmark(preset, batch_size, remat, attention, unroll, args, peak, dtype)
@@ -123,10 +123,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--remat", default="none", help=f"comma-separated, of {', '.join(REMAT_POLICIES)}")
-    parser.add_argument("--attention", default="auto", help="comma-separated, of auto, xla, cudnn, splash")
-    parser.add_argument(
-        "--unroll", default="0", help="comma-separated layers per loop iteration (0: auto, all on GPUs, 1 elsewhere)"
-    )
+    parser.add_argument("--attention", default="auto", help="comma-separated, of auto, xla, cudnn, splash, tokamax")
+    parser.add_argument("--unroll", default="0", help="comma-separated layers per loop iteration (0: auto)")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--loss-chunk", type=int, default=512)
     parser.add_argument("--profile", metavar="DIR", help="also trace two steps with jax.profiler into DIR")

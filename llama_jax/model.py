@@ -221,7 +221,10 @@ class Llama(nn.Module):
 
         block = Block
         if self.remat != "none":
-            block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[self.remat])
+            # A loop keeps XLA from merging the recomputation with the forward pass (common
+            # subexpressions); fully unrolled layers need the barrier that prevent_cse adds.
+            unrolled = self.scan_unroll >= c.n_layers
+            block = nn.remat(Block, prevent_cse=unrolled, policy=REMAT_POLICIES[self.remat])
         layers = nn.scan(
             block,
             variable_axes={"params": 0},

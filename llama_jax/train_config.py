@@ -93,7 +93,9 @@ class TrainConfig:
         "auto", "attention kernel ('auto': Pallas splash on TPUs, cuDNN on GPUs, else XLA)", ATTENTION
     )
     loss_chunk: int = _opt(512, "sequence positions per chunk of output logits in the loss")
-    scan_unroll: int = _opt(0, "layers per iteration of the loop over layers (0: auto, all on GPUs, 1 elsewhere)")
+    scan_unroll: int = _opt(
+        0, "layers per iteration of the loop over layers (0: auto, all on GPUs without remat, else 1)"
+    )
     # Scale-out.
     sharding: str = _opt("fsdp", "sharding plan: a name in sharding/ or a .toml path")
     coordinator: str = _opt("", "multi-host: HOST:PORT of process 0 (pods and SLURM are detected without it)")

@@ -529,16 +529,18 @@ def attention_impl(name: str, dtype: Any, backend: str | None = None) -> str:
     return name
 
 
-def layer_unroll(setting: int, n_layers: int, backend: str | None = None) -> int:
-    """Layers per iteration of the loop over layers; 0 ('auto'): all of them on GPUs, one elsewhere.
+def layer_unroll(setting: int, n_layers: int, remat: str, backend: str | None = None) -> int:
+    """Layers per iteration of the loop over layers; 0 ('auto'): all of them on GPUs without
+    rematerialisation, one otherwise.
 
-    Looping over stacked layers makes XLA's GPU backend copy each layer's weights out of the
-    stack and write saved activations and weight gradients into all-layer buffers: about half the
-    non-matmul memory traffic of a train step (BENCHMARKS.md). TPUs keep the loop, whose compile
-    time stays flat in the depth."""
+    Looping over stacked layers makes XLA's GPU backend write saved activations and weight
+    gradients into all-layer buffers and copy them out again: about half the non-matmul memory
+    traffic of a train step, and 40% more memory (BENCHMARKS.md). Rematerialised layers unrolled
+    need barriers against XLA merging the recomputation back into the forward pass, which cost
+    more than the loop. TPUs keep the loop, whose compile time stays flat in the depth."""
     if setting:
         return min(setting, n_layers)
-    return n_layers if (backend or jax.default_backend()) == "gpu" else 1
+    return n_layers if (backend or jax.default_backend()) == "gpu" and remat == "none" else 1
 
 
 class _Preemption:
@@ -809,7 +811,7 @@ def build_step(
     """The model, optimizer, mesh, state layout and jitted train step of a run; training and
     --compile-only (with a TPU topology's devices) share it."""
     backend = devices[0].platform if devices else None
-    unroll = layer_unroll(cfg.scan_unroll, model_cfg.n_layers, backend)
+    unroll = layer_unroll(cfg.scan_unroll, model_cfg.n_layers, cfg.remat, backend)
     model = Llama(model_cfg, dtype, jnp.float32, cfg.remat, attention, scan_unroll=unroll)
     schedule = lr_schedule(cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.no_decay, cfg.clip_norm)

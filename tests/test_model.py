@@ -91,3 +91,18 @@ def test_unrolled_layer_loop_computes_the_same(params):
     grads = [jax.grad(lambda p, m=m: jnp.sum(m.apply({"params": p}, tokens)[0] ** 2))(params) for m in models]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_rematerialised_unrolled_layers_keep_their_recomputation(params):
+    """With the layer loop gone, only an optimization barrier keeps XLA from merging the
+    recomputed forward pass back into the first one (which undoes the remat: seen on the GPU
+    backend); inside a loop none is needed."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+
+    def barriers(remat, unroll):
+        model = Llama(CFG, remat=remat, scan_unroll=unroll)
+        grad = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens)[0])))
+        return grad.lower(params).as_text().count("optimization_barrier")
+
+    assert barriers("full", CFG.n_layers) > 0
+    assert barriers("full", 1) == barriers("none", CFG.n_layers) == 0

@@ -285,9 +285,10 @@ def test_help_lists_every_option_with_its_default():
     assert text.count("(default:") == len(dataclasses.fields(TrainConfig))
 
 
-def test_layer_loop_is_unrolled_on_gpus_by_default():
-    assert [layer_unroll(0, 16, backend) for backend in ("gpu", "tpu", "cpu")] == [16, 1, 1]
-    assert (layer_unroll(4, 16, "tpu"), layer_unroll(99, 16, "gpu")) == (4, 16)
+def test_layer_loop_is_unrolled_on_gpus_without_remat_by_default():
+    assert [layer_unroll(0, 16, "none", backend) for backend in ("gpu", "tpu", "cpu")] == [16, 1, 1]
+    assert layer_unroll(0, 16, "full", "gpu") == 1
+    assert (layer_unroll(4, 16, "full", "tpu"), layer_unroll(99, 16, "none", "gpu")) == (4, 16)
 
 
 def test_model_flops_count_what_each_stage_computes():
