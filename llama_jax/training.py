@@ -18,6 +18,7 @@ Orbax CheckpointManager root whose step directories hold the items `params`, `op
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -526,6 +527,8 @@ def attention_impl(name: str, dtype: Any, backend: str | None = None) -> str:
             return "splash"
         fused = backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         return "cudnn" if fused else "xla"
+    if name == "tokamax" and importlib.util.find_spec("tokamax") is None:
+        raise UserError("--attention tokamax needs the tokamax package: pip install 'llama-jax[cuda]'")
     return name
 
 

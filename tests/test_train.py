@@ -1,6 +1,7 @@
 """The loss, the train step and the optimizer, in process on the tiny presets."""
 
 import dataclasses
+import importlib.util
 from functools import partial
 
 import jax
@@ -10,10 +11,12 @@ import optax
 import pytest
 
 from llama_jax.config import ConfigError, flops_per_token, get_preset
+from llama_jax.errors import UserError
 from llama_jax.model import Llama, init_params
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
 from llama_jax.train_config import TrainConfig, build_parser, parse_args
 from llama_jax.training import (
+    attention_impl,
     init_state,
     layer_unroll,
     loss_sums,
@@ -302,3 +305,9 @@ def test_model_flops_count_what_each_stage_computes():
     assert flops_per_token(cfg, t, extra_forwards=1) == 8 * n + attention * 4 / 3
     untied = get_preset("llama3-8b")  # the input embedding is a lookup, not a matmul
     assert flops_per_token(untied, 1) == 6 * (untied.num_params - untied.vocab_size * untied.dim) + 6 * 32 * 32 * 128
+
+
+def test_tokamax_attention_without_tokamax_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"pip install 'llama-jax\[cuda\]'"):
+        attention_impl("tokamax", jnp.bfloat16)
