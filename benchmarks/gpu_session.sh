@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of one short device session, in one call (at most 9 minutes: give the call a 570 s timeout): attention
-# parity and speed (XLA, cuDNN, tokamax), the llama3.2-1b train-step grid (layer loop rolled /
-# unrolled, cuDNN / tokamax attention, batch 4 and 8) and one profiled step. Tables go to stdout
-# and to $OUT (default /tmp/gpu); the profile to $OUT/profile.
+# The GPU checks of one short device session, in one call (at most 9 minutes: give it a 570 s
+# timeout): attention parity and speed (XLA, cuDNN, tokamax), the llama3.2-1b train-step grid (layer
+# loop rolled / unrolled, cuDNN / tokamax attention, batch 4 and 8) and one profiled step. Tables go
+# to stdout and to $OUT (default /tmp/gpu); the profile to $OUT/profile.
 #   bash benchmarks/gpu_session.sh
 # Python wheels that the GPU machine lacks (grain and what it needs, tensorboardX, tokamax and what
 # it needs, for its Python) can sit in ./.whl (git-ignored, e.g. from `pip download --no-deps
