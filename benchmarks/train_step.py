@@ -50,8 +50,7 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
 
 def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
     cfg = get_preset(preset)
-    attention = attention_impl(attention, dtype)
-    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=layer_unroll(unroll, cfg.n_layers, remat))
+    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=unroll)
     schedule = lr_schedule(3e-4, 10, 1000, 0.1)
     optimizer = make_optimizer(schedule)
     state = jax.jit(partial(init_state, cfg, optimizer))(jax.random.key(0))
@@ -92,13 +91,14 @@ def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: 
 
 def row(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
     cfg = get_preset(preset)
+    attention, unroll = attention_impl(attention, dtype), layer_unroll(unroll, cfg.n_layers, remat)
     head = {
         "preset": preset,
         "params": f"{cfg.num_params / 1e6:,.1f}M",
         "batch x seq": f"{batch_size} x {args.seq_len}",
         "remat": remat,
-        "attention": attention_impl(attention, dtype),
-        "unroll": str(layer_unroll(unroll, cfg.n_layers, remat)),
+        "attention": attention,
+        "unroll": str(unroll),
     }
     try:
         return head | benchmark(preset, batch_size, remat, attention, unroll, args, peak, dtype)
