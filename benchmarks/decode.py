@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import get_preset
-from llama_jax.generate import Sampling, _decode_loop, _prefill
-from llama_jax.model import Llama, init_params
+from llama_jax.generate import Sampling, decode, prefill
+from llama_jax.model import build_model, init_params
 
 
 def timeit(fn, *args, reps: int = 5) -> float:
@@ -65,7 +65,7 @@ def main() -> None:
     prompts = [int(p) for p in (args.prompts or ("128,512" if on_cpu else "128,2048")).split(",")]
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max(prompts) + args.context + args.steps))
     dt = jnp.bfloat16
-    model = Llama(cfg, dtype=dt, param_dtype=dt, scan_unroll=args.unroll or cfg.n_layers)
+    model = build_model(cfg, dt, "xla", unroll=args.unroll or cfg.n_layers)
     params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dt)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = copy_bandwidth(2**28 if on_cpu else 2**32)
@@ -80,7 +80,7 @@ def main() -> None:
         tokens = jnp.ones((1, p), jnp.int32)
         zeros = jnp.zeros((1,), jnp.int32)
         seeds = jnp.zeros((1,), jnp.uint32)
-        run = partial(_prefill, model, params, sampling=greedy, cache_len=p + 1, cache_dtype=dt)
+        run = partial(prefill, model, params, sampling=greedy, cache_len=p + 1, cache_dtype=dt)
         seconds = timeit(run, tokens, zeros, seeds)
         attn_flops = 4 * cfg.n_layers * cfg.n_heads * cfg.head_dim * p * p / 2  # causal QK^T and PV
         flops = 2 * matmul_params * p + attn_flops
@@ -91,14 +91,14 @@ def main() -> None:
         p = args.context
         tokens = jnp.ones((b, p), jnp.int32)
         zeros = jnp.zeros((b,), jnp.int32)
-        first, cache, keys = _prefill(
+        first, cache, keys = prefill(
             model, params, tokens, zeros, jnp.zeros((b,), jnp.uint32), sampling=greedy, cache_len=p + args.steps,
             cache_dtype=dt,
         )  # fmt: skip
         lengths = jnp.full((b,), p, jnp.int32)
         never = jnp.full((1,), -1, jnp.int32)  # no stop token: every step runs
         done = jnp.zeros((b,), bool)
-        run = partial(_decode_loop, model, params, first, sampling=greedy, max_new=args.steps)
+        run = partial(decode, model, params, first, sampling=greedy, max_new=args.steps)
         seconds = timeit(run, cache, lengths, keys, done, never, reps=3) / (args.steps - 1)
         mean_context = p + args.steps / 2
         step_bytes = weight_bytes + b * mean_context * kv_per_token

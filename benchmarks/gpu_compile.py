@@ -39,22 +39,16 @@ import math
 import re
 import sys
 import time
-from functools import partial
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo
 from jax.experimental import topologies
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-from train_step import print_table  # benchmarks/, beside this script
+from train_step import print_table, run_config  # benchmarks/, beside this script
 
 from llama_jax.config import get_preset
 from llama_jax.errors import ArgumentParser, UserError, run_cli
-from llama_jax.model import REMAT_POLICIES, Llama
-from llama_jax.optim import lr_schedule, make_optimizer
-from llama_jax.training import attention_impl, init_state, layer_unroll, make_train_step
+from llama_jax.model import REMAT_POLICIES
+from llama_jax.step import PRETRAIN, build
 
 TARGET_CONFIG = """gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -189,29 +183,15 @@ def step_costs(text: str) -> tuple[int, int, float]:
     return kernels, flops, moved
 
 
-def row(mesh: jax.sharding.Mesh, memory: int, combination: tuple, args: argparse.Namespace) -> dict[str, str]:
+def row(devices: list, memory: int, combination: tuple, args: argparse.Namespace) -> dict[str, str]:
     preset, batch_size, remat, attention, unroll = combination
-    cfg = get_preset(preset)
-    attention = attention_impl(attention, jnp.bfloat16, backend="gpu")
-    unroll = layer_unroll(unroll, cfg.n_layers, remat, backend="gpu")
-    head = {
-        "preset": preset,
-        "batch x seq": f"{batch_size} x {args.seq_len}",
-        "remat": remat,
-        "attention": attention,
-        "unroll": str(unroll),
-    }
+    head = {"preset": preset, "batch x seq": f"{batch_size} x {args.seq_len}", "remat": remat}
     try:
-        model = Llama(cfg, jnp.bfloat16, jnp.float32, remat, attention, scan_unroll=unroll)
-        schedule = lr_schedule(3e-4, 10, 1000, 0.1)
-        optimizer = make_optimizer(schedule)
-        abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
-        state = jax.tree.map(abstract, jax.eval_shape(partial(init_state, cfg, optimizer), jax.random.key(0)))
-        names = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
-        batch = {k: abstract(jax.ShapeDtypeStruct((batch_size, args.seq_len), jnp.int32)) for k in names}
-        step = jax.jit(make_train_step(model, optimizer, schedule, args.grad_accum, args.loss_chunk), donate_argnums=0)
+        cfg = run_config(preset, batch_size, remat, attention, unroll, args)
+        step = build(cfg, get_preset(preset), PRETRAIN, devices)
+        head |= {"attention": step.model.attention_impl, "unroll": str(step.model.scan_unroll)}
         start = time.perf_counter()
-        compiled = step.lower(state, batch).compile()
+        compiled = step.run.lower(step.state, step.batch).compile()
         seconds = time.perf_counter() - start
     except Exception as e:  # one failed combination must not end the table
         print(f"{head}: {type(e).__name__}: {e}", file=sys.stderr)
@@ -246,6 +226,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--unroll", type=integers, default="0", help="comma-separated layers per loop (0: auto)")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--loss-chunk", type=int, default=512)
+    parser.set_defaults(dtype="bfloat16")  # the compute dtype; parameters stay float32
     args = parser.parse_args(argv)
     presets, remats = args.model.split(","), args.remat.split(",")
     for preset in presets:
@@ -255,10 +236,9 @@ def main(argv: list[str]) -> int:
     name, bandwidth, memory = GPUS[args.gpu]
     config = TARGET_CONFIG.format(name=name, bandwidth=bandwidth, memory=memory)
     topology = topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=config)
-    mesh = topologies.make_mesh(topology, (1,), ("data",))
     print(f"{name} (compiled without a device, {memory / 2**30:.1f} GiB): compute bfloat16, parameters float32")
     grid = itertools.product(presets, args.batch_size, remats, args.attention.split(","), args.unroll)
-    print_table([row(mesh, memory, combination, args) for combination in grid])
+    print_table([row(list(topology.devices), memory, combination, args) for combination in grid])
     return 0
 
 

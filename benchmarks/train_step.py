@@ -24,16 +24,10 @@ import numpy as np
 
 from llama_jax.config import flops_per_token, get_preset
 from llama_jax.errors import ArgumentParser, UserError, run_cli
-from llama_jax.model import REMAT_POLICIES, Llama
-from llama_jax.optim import lr_schedule, make_optimizer
-from llama_jax.training import (
-    attention_impl,
-    compute_dtype,
-    init_state,
-    layer_unroll,
-    make_train_step,
-    matmul_flops_per_s,
-)
+from llama_jax.model import REMAT_POLICIES, build_model
+from llama_jax.step import PRETRAIN, build, init_state, shardings_of
+from llama_jax.train_config import TrainConfig
+from llama_jax.training import matmul_flops_per_s
 
 
 def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) -> dict[str, jax.Array]:
@@ -48,16 +42,23 @@ def synthetic_batch(vocab_size: int, batch: int, seq_len: int, seed: int = 0) ->
     }
 
 
-def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
+def run_config(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args) -> TrainConfig:
+    """The benchmark's train.py settings: one device, a fixed schedule."""
+    return TrainConfig(
+        model=preset, batch_size=batch_size, seq_len=args.seq_len, remat=remat, attention=attention,
+        scan_unroll=unroll, dtype=args.dtype, grad_accum=args.grad_accum, loss_chunk=args.loss_chunk,
+        sharding="single", lr=3e-4, warmup_steps=10, steps=1000,
+    )  # fmt: skip
+
+
+def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float) -> dict:
     cfg = get_preset(preset)
-    model = Llama(cfg, dtype, jnp.float32, remat, attention, scan_unroll=unroll)
-    schedule = lr_schedule(3e-4, 10, 1000, 0.1)
-    optimizer = make_optimizer(schedule)
-    state = jax.jit(partial(init_state, cfg, optimizer))(jax.random.key(0))
-    step = jax.jit(make_train_step(model, optimizer, schedule, args.grad_accum, args.loss_chunk), donate_argnums=0)
+    built = build(run_config(preset, batch_size, remat, attention, unroll, args), cfg, PRETRAIN)
+    init = partial(init_state, cfg, built.optimizer)
+    state = jax.jit(init, out_shardings=shardings_of(built.state))(jax.random.key(0))
     batch = synthetic_batch(cfg.vocab_size, batch_size, args.seq_len)
     start = time.perf_counter()
-    step = step.lower(state, batch).compile()
+    step = built.run.lower(state, batch).compile()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
@@ -89,19 +90,19 @@ def benchmark(preset: str, batch_size: int, remat: str, attention: str, unroll: 
     }
 
 
-def row(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float, dtype) -> dict:
+def row(preset: str, batch_size: int, remat: str, attention: str, unroll: int, args, peak: float) -> dict:
     cfg = get_preset(preset)
-    attention, unroll = attention_impl(attention, dtype), layer_unroll(unroll, cfg.n_layers, remat)
+    model = build_model(cfg, args.dtype, attention, remat, unroll)
     head = {
         "preset": preset,
         "params": f"{cfg.num_params / 1e6:,.1f}M",
         "batch x seq": f"{batch_size} x {args.seq_len}",
         "remat": remat,
-        "attention": attention,
-        "unroll": str(unroll),
+        "attention": model.attention_impl,
+        "unroll": str(model.scan_unroll),
     }
     try:
-        return head | benchmark(preset, batch_size, remat, attention, unroll, args, peak, dtype)
+        return head | benchmark(preset, batch_size, remat, attention, unroll, args, peak)
     except Exception as e:  # one failed combination (out of memory, say) must not end the table
         print(f"{head}: {type(e).__name__}: {e}", file=sys.stderr)
         return head | {"step ms": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}"}
@@ -146,14 +147,14 @@ def main(argv: list[str]) -> int:
         unrolls = [int(u) for u in args.unroll.split(",")]
     except ValueError:
         raise UserError(f"--unroll: {args.unroll!r} is not a comma-separated list of integers") from None
-    dtype = compute_dtype(args.dtype)
+    dtype = build_model(get_preset(presets[0]), args.dtype).dtype
     peak = matmul_flops_per_s(dtype)
     print(
         f"{jax.devices()[0].device_kind} ({jax.default_backend()}), compute {jnp.dtype(dtype).name}, parameters float32"
     )
     print(f"measured matmul rate: {peak / 1e12:.3g} TFLOP/s", flush=True)
     grid = itertools.product(presets, batch_sizes, remats, attentions, unrolls)
-    print_table([row(*combination, args, peak, dtype) for combination in grid])
+    print_table([row(*combination, args, peak) for combination in grid])
     return 0
 
 

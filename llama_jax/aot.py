@@ -1,5 +1,6 @@
 """Ahead-of-time compilation for TPU topologies on any machine (libtpu from the `tpu` extra):
-find compile failures and out-of-memory before a pod is allocated."""
+find compile failures and out-of-memory before a pod is allocated. Every `--compile-only` path
+(the train step, prefill and decode) is here, compiling the same jitted functions that run."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
+
+from llama_jax import sharding
+from llama_jax.errors import UserError
+
+if TYPE_CHECKING:
+    from llama_jax.generate import Sampling
+    from llama_jax.train_config import TrainConfig
 
 # HBM per chip (bytes) and whether `-N` in a slice name counts TensorCores (2 per chip) or chips.
 TPU_CHIPS = {
@@ -125,3 +135,76 @@ def format_report(rows: list[dict]) -> str:
 def abstract(tree, shardings_tree):
     """ShapeDtypeStructs carrying the given shardings (nothing allocated)."""
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings_tree)
+
+
+def compile_train(cfg: TrainConfig) -> None:
+    """Compile the real train step (forward, backward, AdamW) for `cfg.topology` and print per-chip
+    memory and XLA's cost estimate."""
+    from llama_jax.config import get_preset
+    from llama_jax.convert import open_checkpoint
+    from llama_jax.step import Tuning, build
+
+    if not cfg.topology:
+        raise UserError("--compile-only needs --topology (e.g. v5p-8, v5p-256 or v5p:2x2x1)")
+    topology = parse_topology(cfg.topology)
+    model_cfg = open_checkpoint(cfg.init_from).config if cfg.init_from else get_preset(cfg.model)
+    step = build(cfg, model_cfg, Tuning.from_config(cfg), topology_devices(topology))
+    with sharding.activate(step.plan, step.mesh):
+        row = compile_report("train step", step.run, (step.state, step.batch), {}, topology)
+    model = step.model
+    print(
+        f"model {cfg.model} ({model_cfg.num_params / 1e9:.2f}B), batch {cfg.batch_size} x {cfg.seq_len}, "
+        f"compute {jnp.dtype(model.dtype).name}, remat {cfg.remat}, attention {model.attention_impl}, "
+        f"plan {step.plan.name} {dict(step.mesh.shape)}"
+    )
+    print(format_report([row]))
+
+
+def compile_generate(
+    preset: str, topology_name: str, plan_name: str, dtype: str, batch_size: int, prompt_len: int, max_new: int,
+    sampling: Sampling,
+) -> None:  # fmt: skip
+    """Compile prefill and the decode loop for a TPU topology; print per-chip memory."""
+    from llama_jax import generate
+    from llama_jax.config import get_preset
+    from llama_jax.model import build_model, init_cache, param_shapes
+
+    topology = parse_topology(topology_name)
+    cfg = get_preset(preset)
+    plan = sharding.load_plan(plan_name)
+    mesh = sharding.build_mesh(plan, topology_devices(topology))
+    model = build_model(cfg, dtype, backend="tpu")
+    dt = model.dtype
+    params = abstract(param_shapes(cfg, dt), sharding.param_shardings(plan, mesh, cfg))
+    multiple = sharding.batch_parallelism(plan, mesh)
+    b = -(-batch_size // multiple) * multiple
+    p = generate.bucket(prompt_len)
+    row = sharding.batch_sharding(plan, mesh, (b, p))
+    rows_1d = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row.spec[0]))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    vec = lambda dtype: jax.ShapeDtypeStruct((b,), dtype, sharding=rows_1d)  # noqa: E731
+    cache = jax.eval_shape(lambda: init_cache(cfg, b, p + max_new, dt))
+    cache = abstract(cache, sharding.cache_shardings(plan, mesh, cache))
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows_1d)
+    tokens = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=row)
+    stop_ids = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated)
+    with sharding.activate(plan, mesh):
+        rows = [
+            compile_report(
+                f"prefill {b}x{p}",
+                generate.prefill,
+                (model, params, tokens, vec(jnp.int32), vec(jnp.uint32)),
+                dict(sampling=sampling, cache_len=p + max_new, cache_dtype=dt),
+                topology,
+            ),
+            compile_report(
+                f"decode {b}x{max_new}",
+                generate.decode,
+                (model, params, vec(jnp.int32), cache, vec(jnp.int32), keys, vec(jnp.bool_)),
+                dict(stop_ids=stop_ids, sampling=sampling, max_new=max_new),
+                topology,
+            ),
+        ]
+    print(f"model {preset} ({cfg.num_params / 1e9:.2f}B), {jnp.dtype(dt).name}, plan {plan.name} {dict(mesh.shape)}")
+    print(format_report(rows))

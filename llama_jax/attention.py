@@ -1,20 +1,11 @@
 """Grouped-query attention with causal + document (segment) masking.
 
-Queries sit at cache slots `q_offset + t`; key slot `s` is visible to a query when
-`s <= q_slot` and both carry the same segment id. Training (packed documents), scoring and
-KV-cache decoding all use this one rule: padding gets segment 0 and so never mixes with
-real tokens (segment ids >= 1).
-
-Implementations: "xla" (the reference, any backend), "cudnn" (fused, GPUs, through
-`jax.nn.dot_product_attention`: the document mask becomes an additive bias), "splash" (Pallas
-splash attention, TPUs) and "tokamax" (Google's Pallas kernel library, the `cuda` extra: its
-Mosaic GPU flash attention on Hopper and later, Triton on older GPUs, XLA elsewhere). Splash
-attention walks the causal mask block by block and skips the blocks above the diagonal, never
-materialising the [T, S] scores, and it reads each KV head once for its group of query heads (no
-repeated k/v). The kernels cover the no-cache case (queries at slots 0..T-1 of their own T keys)
-at lengths divisible by 128; decoding and other lengths (a short scoring batch, say) fall back to
-the XLA path, which computes the same function. Off TPU splash runs in Pallas' interpreter (slow:
-for tests)."""
+Queries sit at cache slots `q_offset + t`; key slot `s` is visible to a query when `s <= q_slot`
+and both carry the same segment id (padding is segment 0). Training, scoring and decoding all use
+this one rule. Implementations: "xla" (the reference), "cudnn" (`jax.nn.dot_product_attention`),
+"splash" (Pallas, TPUs; interpreted elsewhere) and "tokamax" (the `cuda` extra). The kernels cover
+the no-cache case at lengths divisible by 128; the rest falls back to the XLA path, which computes
+the same function."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ Message = Mapping[str, str]
 # Pieces of a dialog's tokens, each marked True when it is assistant content the model learns.
 Segments = list[tuple[list[int], bool]]
 
+ROLES = ("system", "user", "assistant")
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
@@ -44,14 +45,17 @@ def _encode(
     layout = _LAYOUTS.get(tokenizer.chat_format)
     if layout is None:
         raise ChatError(f"the tokenizer has no known chat format (chat_format={tokenizer.chat_format!r})")
-    _check_roles(messages, last="user" if add_generation_prompt else "assistant")
+    check_dialog(messages, last="user" if add_generation_prompt else "assistant")
     segments = layout(tokenizer, list(messages), add_generation_prompt)
     ids = [i for piece, _ in segments for i in piece]
     mask = [int(learned) for piece, learned in segments for _ in piece]
     return ids, mask
 
 
-def _check_roles(messages: Sequence[Message], last: str) -> None:
+def check_dialog(messages: Sequence[Message], last: str) -> None:
+    """Raise ChatError unless `messages` is a dialog the formats lay out, ending with a `last` turn."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        raise ChatError("'messages' must be a list of {'role', 'content'} objects")
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
             raise ChatError(f"message {i} is not a dict with a string 'content': {message!r}")
@@ -59,9 +63,10 @@ def _check_roles(messages: Sequence[Message], last: str) -> None:
     turns = roles[1:] if roles[:1] == ["system"] else roles
     expected = [("user", "assistant")[i % 2] for i in range(len(turns))]
     if turns != expected:
+        unknown = next((f"message {i} has unknown role {r!r}; " for i, r in enumerate(roles) if r not in ROLES), "")
         raise ChatError(
-            f"roles must be an optional 'system' first, then 'user' and 'assistant' alternating from 'user'; "
-            f"got {roles}"
+            f"{unknown}roles must be an optional 'system' first, then 'user' and 'assistant' alternating from "
+            f"'user'; got {roles}"
         )
     if not turns or turns[-1] != last:
         raise ChatError(f"the last message must be from {last!r} here; got roles {roles}")

@@ -1,5 +1,6 @@
-"""Batched generation over a preallocated KV cache: one jitted prefill, then a jitted decode
-step that runs inside `lax.while_loop` on the device (or from a host loop when streaming).
+"""Batched generation over a preallocated KV cache, as small public functions: `prefill` (the
+prompts, the first token), `decode` (every further step in a `lax.while_loop` on the device),
+`decode_step` (one step, for a host loop), and `generate` / `stream` around them.
 
 Prompts are left-padded (segment 0) to a bucketed length, so all rows write the cache at the
 same slot each step; RoPE positions are per row, so padding never changes a row's numbers.
@@ -19,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.hosts import to_host
 from llama_jax.model import Llama, Params, init_cache
-from llama_jax.sharding import to_host
 
 
 @dataclass(frozen=True)
@@ -108,11 +109,13 @@ def _step(model: Llama, params, cache, token, lengths, step, keys, prompt_len, s
     return sample(logits[:, 0], step_keys, sampling), cache
 
 
-_decode_step = jax.jit(_step, static_argnames=("model", "sampling"))
+decode_step = jax.jit(_step, static_argnames=("model", "sampling"))
 
 
 @partial(jax.jit, static_argnames=("model", "sampling", "cache_len", "cache_dtype"))
-def _prefill(model: Llama, params, tokens, pad, seeds, *, sampling: Sampling, cache_len: int, cache_dtype):
+def prefill(model: Llama, params, tokens, pad, seeds, *, sampling: Sampling, cache_len: int, cache_dtype):
+    """Left-padded prompts [B, P] (`pad` leading pad tokens each) into a fresh cache of
+    `cache_len` slots -> (first sampled token [B], cache, per-row keys from `seeds`)."""
     b, p = tokens.shape
     idx = jnp.arange(p)[None]
     positions = jnp.maximum(idx - pad[:, None], 0)
@@ -127,8 +130,9 @@ def _prefill(model: Llama, params, tokens, pad, seeds, *, sampling: Sampling, ca
 
 
 @partial(jax.jit, static_argnames=("model", "sampling", "max_new"))
-def _decode_loop(model: Llama, params, first, cache, lengths, keys, done, stop_ids, *, sampling, max_new: int):
-    """All decode steps on the device; stops early once every row has hit a stop token."""
+def decode(model: Llama, params, first, cache, lengths, keys, done, stop_ids, *, sampling, max_new: int):
+    """All decode steps after prefill on the device -> tokens [B, max_new] (the first included);
+    stops early once every row is `done` or has hit a stop token."""
     prompt_len = cache["segment_ids"].shape[1] - max_new
     out = jnp.zeros((first.shape[0], max_new), jnp.int32).at[:, 0].set(first)
     done = done | jnp.isin(first, stop_ids)
@@ -174,7 +178,7 @@ def _start(model, params, prompts, max_new, sampling, seed, cache_dtype, batch_m
         pad[i], lengths[i] = p - len(prompt), len(prompt)
     seeds = np.zeros((b,), np.uint32)
     seeds[:rows] = row_seeds(prompts, seed)
-    first, cache, keys = _prefill(
+    first, cache, keys = prefill(
         model,
         params,
         jnp.asarray(tokens),
@@ -210,7 +214,7 @@ def generate(
 
     The batch is padded to a multiple of `batch_multiple` (the data-parallel degree)."""
     batch = _start(model, params, prompts, max_new_tokens, sampling, seed, cache_dtype, batch_multiple)
-    out = _decode_loop(
+    out = decode(
         model,
         params,
         batch.first,
@@ -245,7 +249,7 @@ def stream(
     token, cache = batch.first, batch.cache
     for step in range(max_new_tokens):
         if step:
-            token, cache = _decode_step(
+            token, cache = decode_step(
                 model, params, cache, token, batch.lengths, step - 1, batch.keys, batch.prompt_len, sampling
             )
         host = to_host(token)[: batch.rows].tolist()

@@ -1,121 +1,25 @@
-"""`infer.py` subcommands: score, generate and chat with any checkpoint kind."""
+"""`infer.py`: the command line of score, generate, chat and sample-best with any checkpoint kind."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from llama_jax import sharding
-from llama_jax.config import LlamaConfig
+from llama_jax import hosts, sharding
+from llama_jax.dtypes import DTYPES
 from llama_jax.errors import ArgumentParser, UserError, run_cli
 from llama_jax.generate import Sampling, generate, stream
-from llama_jax.model import Llama, Params
+from llama_jax.jsonl import read_jsonl, write_atomic
+from llama_jax.load import Loaded, load
+from llama_jax.prompts import Prompt, encode_prompt, fit_context, read_prompts
 from llama_jax.scoring import score
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclass
-class Loaded:
-    cfg: LlamaConfig
-    model: Llama
-    params: Params
-    tokenizer: Any  # llama_jax.tokenizer.Tokenizer, or None when the checkpoint has none
-    plan: sharding.Plan
-    mesh: jax.sharding.Mesh
-
-    @property
-    def batch_multiple(self) -> int:
-        return sharding.batch_parallelism(self.plan, self.mesh)
-
-
-def default_dtype() -> str:
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def load(
-    checkpoint: str,
-    dtype: str | None = None,
-    tokenizer: str | None = None,
-    need_tokenizer: bool = False,
-    plan: str = "single",
-) -> Loaded:
-    """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta),
-    placed on the devices as the sharding plan says."""
-    import orbax.checkpoint as ocp
-
-    from llama_jax.convert import load_checkpoint, open_checkpoint
-    from llama_jax.convert.orbax_ckpt import OrbaxReader
-    from llama_jax.model import param_shapes
-    from llama_jax.tokenizer import TokenizerError, load_tokenizer
-
-    sharding_plan = sharding.load_plan(plan)
-    mesh = sharding.build_mesh(sharding_plan)
-    dt = DTYPES[dtype or default_dtype()]
-    source = open_checkpoint(checkpoint)  # validates config, names and shapes
-    cfg, tokenizer_files = source.config, source.tokenizer_files
-    placement = sharding.param_shardings(sharding_plan, mesh, cfg)
-    if isinstance(source, OrbaxReader):  # restored straight into the target sharding: each host reads its shards
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, dt, sharding=sh), param_shapes(cfg), placement
-        )
-        params = ocp.StandardCheckpointer().restore(source.params, target)
-    else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed
-        params = sharding.put(
-            jax.tree.map(lambda a: np.asarray(a).astype(dt), load_checkpoint(checkpoint).params), placement
-        )
-    tok = None
-    where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
-    if tokenizer or tokenizer_files or need_tokenizer:
-        try:
-            tok = load_tokenizer(where[0])
-        except TokenizerError as e:
-            if need_tokenizer:
-                raise UserError(f"no tokenizer found (looked in {', '.join(where)}): {e}") from None
-    if tok is not None and tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's embedding ({cfg.vocab_size})")
-    model = Llama(cfg, dtype=dt, param_dtype=dt)
-    return Loaded(cfg, model, params, tok, sharding_plan, mesh)
-
-
-def read_jsonl(path: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-empty line; malformed lines are user errors."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{n}: expected a JSON object")
-            yield n, obj
-
-
-def write_atomic(path: str | None, lines: list[str]) -> None:
-    """Write lines to path via a temporary file renamed at the end (stdout when None)."""
-    if path is None:
-        sys.stdout.write("".join(line + "\n" for line in lines))
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # -- score -----------------------------------------------------------------------------------
@@ -153,117 +57,25 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 # -- generate / chat -------------------------------------------------------------------------
-def sampling_from(args: argparse.Namespace, vocab_limit: int = 0) -> Sampling:
-    try:
-        return Sampling(args.temperature, args.top_p, args.top_k, vocab_limit)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def encode_prompt(lm: Loaded, prompt: str | None, messages: list | None, chat: bool, system: str | None) -> list[int]:
-    from llama_jax.chat import encode_dialog
-
-    if messages is None and chat:
-        messages = [{"role": "user", "content": prompt}]
-    if messages is not None:
-        if system is not None and not (messages and messages[0].get("role") == "system"):
-            messages = [{"role": "system", "content": system}, *messages]
-        return encode_dialog(lm.tokenizer, messages)
-    return lm.tokenizer.encode(prompt, bos=True)
-
-
-def fit_context(
-    lm: Loaded, prompts: list[list[int]], max_new: int, truncate: str | None
-) -> tuple[list[list[int]], int]:
-    """Check prompt lengths against the context; truncate on the left when asked.
-    Returns the prompts and max_new clamped so that prompt + new tokens fit."""
-    ctx = lm.cfg.max_seq_len
-    if truncate == "left":
-        keep = max(ctx - max_new, 1)
-        prompts = [p[-keep:] for p in prompts]
-    longest = max(len(p) for p in prompts)
-    if longest >= ctx:
-        raise UserError(f"a prompt of {longest} tokens does not fit the context of {ctx} (use --truncate left)")
-    return prompts, min(max_new, ctx - longest)
-
-
-def cmd_compile_only(args: argparse.Namespace) -> None:
-    """Compile prefill and the decode loop for a TPU topology; print per-chip memory."""
-    from llama_jax import aot
-    from llama_jax import generate as gen
-    from llama_jax.config import get_preset
-    from llama_jax.model import init_cache, param_shapes
-
-    if not args.model or not args.topology:
-        raise UserError("--compile-only needs --model PRESET and --topology (e.g. v5e-8)")
-    topology = aot.parse_topology(args.topology)
-    cfg = get_preset(args.model)
-    plan = sharding.load_plan(args.sharding)
-    mesh = sharding.build_mesh(plan, aot.topology_devices(topology))
-    dt = DTYPES[args.dtype or "bfloat16"]
-    model = Llama(cfg, dtype=dt, param_dtype=dt)
-    params = aot.abstract(param_shapes(cfg, dt), sharding.param_shardings(plan, mesh, cfg))
-    multiple = sharding.batch_parallelism(plan, mesh)
-    b = -(-args.batch_size // multiple) * multiple
-    p = gen.bucket(args.prompt_len)
-    row = sharding.batch_sharding(plan, mesh, (b, p))
-    rows_1d = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row.spec[0]))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    vec = lambda dtype: jax.ShapeDtypeStruct((b,), dtype, sharding=rows_1d)  # noqa: E731
-    cache = jax.eval_shape(lambda: init_cache(cfg, b, p + args.max_new_tokens, dt))
-    cache = aot.abstract(cache, sharding.cache_shardings(plan, mesh, cache))
-    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
-    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows_1d)
-    sampling = sampling_from(args)
-    with sharding.activate(plan, mesh):
-        rows = [
-            aot.compile_report(
-                f"prefill {b}x{p}",
-                gen._prefill,
-                (model, params, jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=row), vec(jnp.int32), vec(jnp.uint32)),
-                dict(sampling=sampling, cache_len=p + args.max_new_tokens, cache_dtype=dt),
-                topology,
-            ),
-            aot.compile_report(
-                f"decode {b}x{args.max_new_tokens}",
-                gen._decode_loop,
-                (model, params, vec(jnp.int32), cache, vec(jnp.int32), keys, vec(jnp.bool_)),
-                dict(
-                    stop_ids=jax.ShapeDtypeStruct((1,), jnp.int32, sharding=replicated),
-                    sampling=sampling,
-                    max_new=args.max_new_tokens,
-                ),
-                topology,
-            ),
-        ]
-    size = f"{cfg.num_params / 1e9:.2f}B"
-    print(f"model {args.model} ({size}), {jnp.dtype(dt).name}, plan {plan.name} {dict(mesh.shape)}")
-    print(aot.format_report(rows))
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
+    sampling = Sampling(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
     if args.compile_only:
-        return cmd_compile_only(args)
-    sampling = sampling_from(args)
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
-    sampling = sampling_from(args, lm.tokenizer.vocab_size)
-    items: list[tuple[Any, list | None]] = []  # (what to echo as "prompt", chat messages)
-    if args.prompt_file:
-        for n, obj in read_jsonl(args.prompt_file):
-            if isinstance(obj.get("prompt"), str):
-                items.append((obj["prompt"], None))
-            elif isinstance(obj.get("messages"), list):
-                items.append((obj["messages"], obj["messages"]))
-            else:
-                raise UserError(f"{args.prompt_file}:{n}: expected {{'prompt': '...'}} or {{'messages': [...]}}")
-    items += [(p, None) for p in args.prompt or []]
-    if not items:
+        from llama_jax import aot
+
+        if not args.model or not args.topology:
+            raise UserError("--compile-only needs --model PRESET and --topology (e.g. v5e-8)")
+        return aot.compile_generate(
+            args.model, args.topology, args.sharding, args.dtype, args.batch_size, args.prompt_len,
+            args.max_new_tokens, sampling,
+        )  # fmt: skip
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else []
+    prompts += [Prompt(p, None) for p in args.prompt or []]
+    if not prompts:
         raise UserError("no prompts: give --prompt TEXT or --prompt-file FILE.jsonl")
-    try:
-        tokens = [encode_prompt(lm, p if m is None else None, m, args.chat, args.system) for p, m in items]
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    tokens, max_new = fit_context(lm, tokens, args.max_new_tokens, args.truncate)
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
+    sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
+    tokens = [encode_prompt(lm.tokenizer, p, args.chat, args.system) for p in prompts]
+    tokens, max_new = fit_context(lm.cfg.max_seq_len, tokens, args.max_new_tokens, args.truncate)
     kw = dict(sampling=sampling, stop_ids=lm.tokenizer.stop_ids, seed=args.seed, batch_multiple=lm.batch_multiple)
     with sharding.activate(lm.plan, lm.mesh):
         if args.stream and not args.json:
@@ -273,20 +85,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         completions = generate(lm.model, lm.params, tokens, max_new, **kw)
     if jax.process_index() != 0:
         return
-    for (prompt, _), c in zip(items, completions, strict=True):
+    for prompt, c in zip(prompts, completions, strict=True):
         text = lm.tokenizer.decode(c.tokens)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "prompt": prompt,
-                        "completion": text,
-                        "completion_tokens": c.tokens,
-                        "finish_reason": c.finish_reason,
-                    }
-                ),
-                flush=True,
-            )
+            line = {"prompt": prompt.given, "completion": text, "completion_tokens": c.tokens}
+            print(json.dumps(line | {"finish_reason": c.finish_reason}), flush=True)
         else:
             print(text, flush=True)
 
@@ -317,9 +120,9 @@ def print_stream(lm: Loaded, steps: Iterator[list[int | None]]) -> list[int]:
 def cmd_chat(args: argparse.Namespace) -> None:
     from llama_jax.chat import encode_dialog
 
-    sampling = sampling_from(args)
+    sampling = Sampling(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
     lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
-    sampling = sampling_from(args, lm.tokenizer.vocab_size)
+    sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
     while True:
@@ -334,7 +137,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        prompt, max_new = fit_context(lm, [encode_dialog(lm.tokenizer, messages)], args.max_new_tokens, "left")
+        dialog = [encode_dialog(lm.tokenizer, messages)]
+        prompt, max_new = fit_context(lm.cfg.max_seq_len, dialog, args.max_new_tokens, "left")
         with sharding.activate(lm.plan, lm.mesh):
             steps = stream(lm.model, lm.params, prompt, max_new, sampling, lm.tokenizer.stop_ids, args.seed)
             reply = print_stream(lm, steps)
@@ -348,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--checkpoint", help="Orbax model/run directory, HF or Meta directory")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on CPU, else bfloat16")
+        p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float32 on CPU, else bfloat16")
         p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         p.add_argument("--sharding", default="single", help="plan name in sharding/ or a .toml path")
@@ -414,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--checkpoint is required")
         if not Path(args.checkpoint).exists():
             raise UserError(f"checkpoint not found: {args.checkpoint}")
-        sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        hosts.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         args.func(args)
 
     return run_cli(run, argv)

@@ -19,6 +19,7 @@ converter reads a LoRA run (lora.json + checkpoints/<step>/adapters) as merged w
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Iterator
@@ -33,8 +34,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
-from llama_jax.convert.layout import BY_KEY
-from llama_jax.model import Linear, Params
+from llama_jax.model import Linear, Params, param_shapes
 
 # Target name -> the kernel's path in the params pytree.
 TARGETS = {
@@ -46,6 +46,7 @@ TARGETS = {
     "w2": "layers/feed_forward/w2",
     "w3": "layers/feed_forward/w3",
 }
+IN_AXES = {"wo": 2}  # kernel axes (after the layer axis) that the input contracts with; others: 1
 CONFIG_FILE = "lora.json"
 
 
@@ -68,11 +69,12 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+@functools.lru_cache(maxsize=16)
 def _split(cfg: LlamaConfig, target: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """A target's kernel shape (one layer) split into (in axes, out axes)."""
-    t = BY_KEY[f"{TARGETS[target]}/kernel"]
-    shape = t.shape(cfg)
-    return shape[: t.n_in], shape[t.n_in :]
+    shape = _get(param_shapes(cfg), TARGETS[target])["kernel"].shape[1:]
+    n_in = IN_AXES.get(target, 1)
+    return shape[:n_in], shape[n_in:]
 
 
 def adapter_shapes(cfg: LlamaConfig, lcfg: LoraConfig) -> dict[str, tuple[int, ...]]:
@@ -160,27 +162,11 @@ def intercept(lcfg: LoraConfig | None) -> Iterator[None]:
         yield
 
 
-def apply(model: nn.Module, base: Params, adapters: Params, lcfg: LoraConfig, *args, **kwargs) -> Any:
-    """`model.apply` with the adapters added (no dropout)."""
-    with intercept(lcfg):
-        return model.apply({"params": combine(base, adapters)}, *args, **kwargs)
-
-
 def merge_kernel(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, scale: float) -> np.ndarray:
     """One layer's kernel [*in, *out] + scale * lora_a [*in, r] @ lora_b [r, *out], computed in
     float32 and returned in the kernel's dtype."""
     delta = np.tensordot(np.asarray(lora_a, np.float32), np.asarray(lora_b, np.float32), axes=1)
     return (np.asarray(kernel, np.float32) + scale * delta).astype(kernel.dtype)
-
-
-def merge(base: Params, adapters: Params, lcfg: LoraConfig) -> Params:
-    """The base params with every adapter merged in (host numpy arrays)."""
-    merged = jax.tree.map(np.asarray, base)
-    for target in lcfg.targets:
-        node, pair = _get(merged, TARGETS[target]), _get(adapters, TARGETS[target])
-        a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
-        node["kernel"] = np.stack([merge_kernel(k, a[i], b[i], lcfg.scale) for i, k in enumerate(node["kernel"])])
-    return merged
 
 
 def adapter_shardings(cfg: LlamaConfig, param_shardings: Params, lcfg: LoraConfig) -> Params:

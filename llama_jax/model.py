@@ -10,6 +10,7 @@ stores q/k; Meta's interleaved layout is permuted at the converter boundary.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import flax.linen as nn
@@ -17,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.attention import attention
+from llama_jax.attention import IMPLEMENTATIONS, attention
 from llama_jax.config import LlamaConfig
+from llama_jax.dtypes import parse_dtype
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]  # k, v: [layers, batch, cache_len, kv_heads, head_dim]; segment_ids: [batch, cache_len]
@@ -281,3 +283,36 @@ def param_shapes(cfg: LlamaConfig, dtype: Any = jnp.float32) -> Params:
     """ShapeDtypeStructs of the canonical parameter pytree, without allocating it."""
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+
+
+def build_model(
+    cfg: LlamaConfig,
+    dtype: str = "auto",
+    attention: str = "auto",
+    remat: str = "none",
+    unroll: int = 0,
+    backend: str | None = None,
+) -> Llama:
+    """The model for `backend` (default: this process's; the target when compiling ahead of time),
+    every 'auto' setting resolved here and nowhere else: dtype float32 on CPUs, bfloat16 elsewhere
+    (parameters may come in any dtype); attention splash on TPUs, cuDNN on GPUs with 16-bit compute,
+    XLA otherwise; unroll 0: all layers on GPUs without remat (the GPU backend copies saved
+    activations and weight gradients in and out of all-layer buffers in a loop), else 1."""
+    backend = backend or jax.default_backend()
+    backend = "gpu" if backend in ("cuda", "rocm") else backend  # a device's platform may name its GPU kind
+    compute = (np.dtype(np.float32) if backend == "cpu" else parse_dtype("bfloat16")) if dtype == "auto" else dtype
+    compute = parse_dtype(compute) if isinstance(compute, str) else np.dtype(compute)
+    if attention == "auto":
+        fused = backend == "gpu" and compute.itemsize == 2
+        attention = "splash" if backend == "tpu" else "cudnn" if fused else "xla"
+    elif attention not in IMPLEMENTATIONS:
+        known = ", ".join(IMPLEMENTATIONS)
+        raise ValueError(f"unknown attention implementation {attention!r}; use one of auto, {known}")
+    elif attention == "tokamax" and importlib.util.find_spec("tokamax") is None:
+        raise ValueError("--attention tokamax needs the tokamax package: pip install 'llama-jax[cuda]'")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+    if unroll < 0:
+        raise ValueError(f"the layer unroll must not be negative, got {unroll}")
+    layers = min(unroll, cfg.n_layers) if unroll else cfg.n_layers if backend == "gpu" and remat == "none" else 1
+    return Llama(cfg, compute, jnp.float32, remat, attention, scan_unroll=layers)

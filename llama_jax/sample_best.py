@@ -23,6 +23,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from numbers import Real
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,10 @@ import jax
 from llama_jax import sharding
 from llama_jax.chat import ChatError, encode_dialog
 from llama_jax.errors import UserError
-from llama_jax.generate import Completion, generate
-from llama_jax.infer import fit_context, load, read_jsonl, sampling_from, write_atomic
+from llama_jax.generate import Completion, Sampling, generate
+from llama_jax.jsonl import write_atomic
+from llama_jax.load import load
+from llama_jax.prompts import fit_context, read_prompts
 
 Reward = Callable[[Any, str], float]
 
@@ -99,26 +102,20 @@ def run(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
     reward = load_reward(args.reward)  # before the model: a bad --reward fails fast
-    items = []  # (line, prompt as given, messages)
-    for n, obj in read_jsonl(args.prompts):
-        if isinstance(obj.get("prompt"), str):
-            items.append((n, obj["prompt"], [{"role": "user", "content": obj["prompt"]}]))
-        elif isinstance(obj.get("messages"), list):
-            items.append((n, obj["messages"], obj["messages"]))
-        else:
-            raise UserError(f"{args.prompts}:{n}: expected {{'prompt': '...'}} or {{'messages': [...]}}")
-    if not items:
+    prompts = read_prompts(args.prompts)
+    if not prompts:
         raise UserError(f"{args.prompts} holds no prompts")
 
+    sampling = Sampling(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
     lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
-    sampling = sampling_from(args, lm.tokenizer.vocab_size)
+    sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     tokens = []
-    for n, _, messages in items:
+    for prompt in prompts:
         try:
-            tokens.append(encode_dialog(lm.tokenizer, messages))
+            tokens.append(encode_dialog(lm.tokenizer, prompt.dialog))
         except ChatError as e:
-            raise UserError(f"{args.prompts}:{n}: {e}") from None
-    tokens, max_new = fit_context(lm, tokens, args.max_new_tokens, None)
+            raise UserError(f"{args.prompts}:{prompt.line}: {e}") from None
+    tokens, max_new = fit_context(lm.cfg.max_seq_len, tokens, args.max_new_tokens, None)
     k = args.num_samples
     per_batch = max(1, args.batch_size // k)  # whole prompts per batch: a prompt's K rows get distinct seeds
     completions: list[Completion] = []
@@ -129,20 +126,20 @@ def run(args: argparse.Namespace) -> None:
             completions += generate(lm.model, lm.params, rows, max_new, **kw)
 
     lines, dropped = [], 0
-    for i, (n, prompt, messages) in enumerate(items):
+    for i, prompt in enumerate(prompts):
         group = completions[i * k : (i + 1) * k]
         texts = [lm.tokenizer.decode(c.tokens) for c in group]
         finished = [c.finish_reason == "stop" for c in group]
-        best = best_of(reward, prompt, texts, finished, f"{args.prompts}:{n}", args.keep_truncated)
+        best = best_of(reward, prompt.given, texts, finished, f"{args.prompts}:{prompt.line}", args.keep_truncated)
         if best is None or (args.min_reward is not None and best[0] < args.min_reward):
             dropped += 1
             continue
         answer = {"role": "assistant", "content": best[1]}
-        lines.append(json.dumps({"messages": [*messages, answer], "reward": best[0]}))
+        lines.append(json.dumps({"messages": [*prompt.dialog, answer], "reward": best[0]}))
     if jax.process_index() == 0:
         write_atomic(args.output, lines)
         print(
-            f"sample-best: {len(lines)} of {len(items)} prompts written ({dropped} dropped: no finished completion "
+            f"sample-best: {len(lines)} of {len(prompts)} prompts written ({dropped} dropped: no finished completion "
             f"or below --min-reward), {k} completions each",
             file=sys.stderr,
         )

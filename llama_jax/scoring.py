@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.generate import bucket
+from llama_jax.hosts import to_host
 from llama_jax.model import Llama, Params
-from llama_jax.sharding import to_host
 
 
 def batch_logprobs(model: Llama, params: Params, tokens: jax.Array, segment_ids: jax.Array) -> jax.Array:

@@ -185,47 +185,11 @@ def put(tree, shardings_tree):
     return jax.tree.map(one, tree, shardings_tree)
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """A global array as numpy on every process."""
-    if x.is_fully_addressable:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def batch_parallelism(plan: Plan, mesh: Mesh) -> int:
     """How many ways the batch dimension is split: batches are padded to a multiple."""
     spec = _spec(("batch",), plan.rules["batch"])[0]
     names = (spec,) if isinstance(spec, str) else tuple(spec or ())
     return math.prod(mesh.shape[n] for n in names)
-
-
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Start jax.distributed when running on several hosts.
-
-    Explicit arguments (or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) win;
-    otherwise JAX's own detection runs on TPU pods and SLURM/MPI clusters of more than one
-    task; a plain single machine stays single-process."""
-    import os
-
-    coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if num_processes is None and "JAX_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["JAX_NUM_PROCESSES"])
-    if process_id is None and "JAX_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["JAX_PROCESS_ID"])
-    explicit = (coordinator, num_processes, process_id)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ShardingError("multi-host needs all of --coordinator, --num-processes and --process-id")
-        if jax.config.jax_platforms in (None, "", "cpu") and os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-        return
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    tasks = max(int(os.environ.get(v, "1") or 1) for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-    if "," in hosts or tasks > 1:
-        jax.distributed.initialize()
 
 
 def cache_shardings(plan: Plan, mesh: Mesh, cache_shapes: dict) -> dict:

@@ -17,15 +17,18 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama_jax.attention import IMPLEMENTATIONS
 from llama_jax.config import ConfigError, get_preset
+from llama_jax.dtypes import DTYPES
 from llama_jax.errors import ArgumentParser
+from llama_jax.lora import TARGETS
 from llama_jax.model import REMAT_POLICIES
 
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
-DTYPES = ("auto", "float32", "bfloat16")
-ATTENTION = ("auto", "xla", "cudnn", "splash", "tokamax")
+COMPUTE_DTYPES = ("auto", *(d for d in DTYPES if d != "float16"))  # float16 would need loss scaling
+ATTENTION = ("auto", *IMPLEMENTATIONS)
 STAGES = ("pretrain", "sft", "dpo")
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+LORA_TARGETS = tuple(TARGETS)
 # Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
 RESUME_FIXED = (
     "data", "data_format", "data_field", "eval_data", "eval_fraction", "seed", "seq_len", "batch_size",
@@ -60,7 +63,7 @@ class TrainConfig:
         "(0: the largest of 8, 4, 2, 1 that divides --batch-size)",
     )
     workers: int = _opt(0, "grain worker processes per data stream that read and tokenize (0: in the main process)")
-    # Post-training (llama_jax/posttrain.py, llama_jax/lora.py).
+    # Post-training (llama_jax/examples.py, llama_jax/step.py, llama_jax/lora.py).
     dpo_beta: float = _opt(0.1, "DPO beta: how strongly the policy is held to the reference (the --init-from weights)")
     lora_rank: int = _opt(0, "LoRA rank: train only low-rank adapters, any stage, from --init-from (0: all weights)")
     lora_alpha: float = _opt(16.0, "LoRA alpha: the adapters' output is scaled by alpha / rank")
@@ -87,7 +90,7 @@ class TrainConfig:
     clip_norm: float = _opt(1.0, "clip gradients to this global norm (0: off)")
     z_loss: float = _opt(0.0, "weight of the z-loss, mean of log(Z)^2 (PaLM uses 1e-4; 0: off)")
     # Compute.
-    dtype: str = _opt("auto", "compute dtype ('auto': bfloat16 on accelerators, float32 on CPU)", DTYPES)
+    dtype: str = _opt("auto", "compute dtype ('auto': bfloat16 on accelerators, float32 on CPU)", COMPUTE_DTYPES)
     remat: str = _opt("none", "activation rematerialization policy per layer", tuple(REMAT_POLICIES))
     attention: str = _opt(
         "auto", "attention kernel ('auto': Pallas splash on TPUs, cuDNN on GPUs, else XLA)", ATTENTION

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from llama_jax import aot, sharding, training
+from llama_jax import aot, sharding
 from llama_jax import attention as attention_lib
 from llama_jax.attention import attention
 from llama_jax.config import get_preset
-from llama_jax.posttrain import Tuning
+from llama_jax.step import Tuning, build
 from llama_jax.train_config import TrainConfig
 
 B, T, H, KV, D = 2, 256, 4, 2, 64
@@ -132,14 +132,11 @@ def test_train_step_with_splash_compiles_to_a_mosaic_kernel_for_a_tpu_topology()
     """The real train step (fsdp over v5p:2x2x1, 4 chips), compiled ahead of time: attention
     forward and backward are Mosaic custom calls, not XLA einsums."""
     cfg = TrainConfig(model="tiny", sharding="fsdp", batch_size=8, seq_len=256, dtype="bfloat16", steps=10)
-    topology = aot.parse_topology("v5p:2x2x1")
-    devices = aot.topology_devices(topology)
-    built = training.build_step(cfg, get_preset("tiny"), Tuning.from_config(cfg), jnp.bfloat16, "splash", devices)
-    shape = (cfg.batch_size, cfg.seq_len)
-    batch = {name: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for name, s in built.batch_sh.items()}
-    with sharding.activate(built.plan, built.mesh):
-        state = aot.abstract(built.abstract, built.state_sh)
-        hlo = built.train_step.lower(state, batch).compile().as_text()
+    devices = aot.topology_devices(aot.parse_topology("v5p:2x2x1"))
+    step = build(cfg, get_preset("tiny"), Tuning.from_config(cfg), devices)
+    assert step.model.attention_impl == "splash"  # 'auto' on a TPU
+    with sharding.activate(step.plan, step.mesh):
+        hlo = step.run.lower(step.state, step.batch).compile().as_text()
     assert "tpu_custom_call" in hlo
     for phase in ("fwd", "dq", "dkv"):
         assert f"splash_mha_{phase}_segmented" in hlo, phase

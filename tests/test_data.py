@@ -12,10 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from llama_jax import data
+from llama_jax import batches as batches_lib
+from llama_jax import documents
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 DOCS = [f"document {i}: " + "word " * (i * 7 % 40) + f"end {i}" for i in range(60)]
+
+
+def train_batches(docs, tokenizer, seq_len, batch_size, seed, streams=1, workers=0, shuffle_window=1, **processes):
+    pack = batches_lib.documents_packer(tokenizer, seq_len, workers, shuffle_window, seed)
+    return batches_lib.train_batches(docs, pack, batch_size, seed, streams, **processes)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,7 @@ def write_formats(root) -> dict[str, list[str]]:
 
 def test_every_format_reads_the_same_documents(tmp_path):
     for kind, paths in write_formats(tmp_path).items():
-        docs = data.open_documents(paths)
+        docs = documents.open_documents(paths)
         assert [docs[i] for i in range(len(docs))] == DOCS, kind
         shuffled = docs.shuffle(3)
         assert sorted(shuffled[i] for i in range(len(docs))) == sorted(DOCS), kind
@@ -55,10 +61,10 @@ def test_every_format_reads_the_same_documents(tmp_path):
 
 def test_expand_globs(tmp_path):
     write_formats(tmp_path)
-    files = data.expand(f"{tmp_path}/doc00*.txt, {tmp_path}/*.jsonl")
+    files = documents.expand(f"{tmp_path}/doc00*.txt, {tmp_path}/*.jsonl")
     assert [f.rsplit("/", 1)[1] for f in files] == [f"doc00{i}.txt" for i in range(10)] + ["part0.jsonl", "part1.jsonl"]
-    with pytest.raises(data.DataError, match="matches no file"):
-        data.expand(f"{tmp_path}/*.txt,{tmp_path}/nothing*")
+    with pytest.raises(documents.DataError, match="matches no file"):
+        documents.expand(f"{tmp_path}/*.txt,{tmp_path}/nothing*")
 
 
 @pytest.mark.parametrize(
@@ -72,18 +78,18 @@ def test_expand_globs(tmp_path):
 )
 def test_unreadable_data_is_a_data_error(tmp_path, name, content, fmt, message):
     (tmp_path / name).write_bytes(content)
-    with pytest.raises(data.DataError, match=message):
-        data.open_documents([str(tmp_path / name)], fmt)
+    with pytest.raises(documents.DataError, match=message):
+        documents.open_documents([str(tmp_path / name)], fmt)
 
 
 def test_parquet_without_the_column(tmp_path):
     pq.write_table(pa.table({"body": ["a"]}), tmp_path / "x.parquet")
-    with pytest.raises(data.DataError, match="no column 'text'"):
-        data.open_documents([str(tmp_path / "x.parquet")])
+    with pytest.raises(documents.DataError, match="no column 'text'"):
+        documents.open_documents([str(tmp_path / "x.parquet")])
 
 
 def test_default_corpus_is_the_standard_library_without_tests():
-    files = data.stdlib_files()
+    files = documents.stdlib_files()
     assert len(files) > 300
     assert any(f.endswith("/json/decoder.py") for f in files)
     assert not any("/test/" in f or "/site-packages/" in f or f.rsplit("/", 1)[1].startswith("test_") for f in files)
@@ -91,17 +97,17 @@ def test_default_corpus_is_the_standard_library_without_tests():
 
 def test_held_out_split_is_seeded_and_disjoint(tmp_path):
     paths = write_formats(tmp_path)["text"]
-    corpus = data.load_corpus(",".join(paths), "", 0.1, "auto", "text", seed=1)
+    corpus = documents.load_corpus(",".join(paths), "", 0.1, "auto", "text", seed=1)
     train, held = ({c[i] for i in range(len(c))} for c in (corpus.train, corpus.eval))
     assert len(held) == 6 and len(train) == 54 and not train & held
-    again = data.load_corpus(",".join(paths), "", 0.1, "auto", "text", seed=1)
+    again = documents.load_corpus(",".join(paths), "", 0.1, "auto", "text", seed=1)
     assert {again.eval[i] for i in range(6)} == held
 
 
 def test_packed_rows(tokenizer):
     tok = load_tokenizer(tokenizer)
     docs = grain.MapDataset.source(DOCS[:12])
-    batches = list(itertools.islice(data.packed_batches(docs, tokenizer, seq_len=32, batch_size=2), 3))
+    batches = list(itertools.islice(batches_lib.documents_packer(tokenizer, 32)(docs, 2, True), 3))
     assert set(batches[0]) == {"tokens", "targets", "positions", "segment_ids", "loss_mask"}
     assert all(v.shape == (2, 32) and v.dtype == np.int32 for v in batches[0].values())
     # Cut the rows back into their documents: BOS text EOS, shifted by one within each document.
@@ -129,7 +135,7 @@ def test_iterator_state_resumes_at_the_exact_next_batch(tokenizer, workers, stre
     docs = grain.MapDataset.source(DOCS)
 
     def fresh():
-        return data.train_batches(docs, tokenizer, 16, 2, seed=5, streams=streams, workers=workers, shuffle_window=8)
+        return train_batches(docs, tokenizer, 16, 2, seed=5, streams=streams, workers=workers, shuffle_window=8)
 
     it = fresh()
     first = [next(it) for _ in range(30)]  # more than one epoch
@@ -149,9 +155,9 @@ def test_iterator_state_resumes_at_the_exact_next_batch(tokenizer, workers, stre
 
 def test_a_state_at_a_document_boundary_resumes_exactly(tokenizer):
     """Before the first row no document is half consumed: grain's packer marks that with a tuple
-    that JSON turns into a list (see data._slices_as_tuples)."""
+    that JSON turns into a list (see batches._slices_as_tuples)."""
     docs = grain.MapDataset.source(DOCS)
-    make = functools.partial(data.train_batches, docs, tokenizer, 16, 2, seed=2, shuffle_window=4)
+    make = functools.partial(train_batches, docs, tokenizer, 16, 2, seed=2, shuffle_window=4)
     expected = make()
     resumed = make()
     resumed.set_state(json.loads(json.dumps(make().get_state())))
@@ -166,7 +172,7 @@ def test_batches_do_not_depend_on_the_process_count(tokenizer):
     docs = grain.MapDataset.source(DOCS)
 
     def batches(index: int, count: int) -> list[dict]:
-        it = data.train_batches(docs, tokenizer, 32, 8, seed=3, streams=4, shuffle_window=4,
+        it = train_batches(docs, tokenizer, 32, 8, seed=3, streams=4, shuffle_window=4,
                                 process_index=index, process_count=count)  # fmt: skip
         out = [next(it) for _ in range(6)]
         it.close()
@@ -188,7 +194,7 @@ def test_batches_do_not_depend_on_the_process_count(tokenizer):
 
 def test_a_state_saved_by_two_processes_resumes_in_one(tokenizer):
     docs = grain.MapDataset.source(DOCS)
-    make = functools.partial(data.train_batches, docs, tokenizer, 16, 4, seed=1, streams=2, shuffle_window=4)
+    make = functools.partial(train_batches, docs, tokenizer, 16, 4, seed=1, streams=2, shuffle_window=4)
     one = make()
     expected = [next(one) for _ in range(12)][5:]
     halves = [make(process_index=i, process_count=2) for i in range(2)]
@@ -201,9 +207,9 @@ def test_a_state_saved_by_two_processes_resumes_in_one(tokenizer):
     for batch in expected:
         got = next(resumed)
         assert all(np.array_equal(got[k], batch[k]) for k in batch)
-    with pytest.raises(data.DataError, match="cannot be shared by 3 processes"):
+    with pytest.raises(documents.DataError, match="cannot be shared by 3 processes"):
         make(process_index=0, process_count=3)
-    with pytest.raises(data.DataError, match="no state for data stream 1"):
+    with pytest.raises(documents.DataError, match="no state for data stream 1"):
         make().set_state(halves[0].get_state())
     for it in (one, resumed, *halves):
         it.close()
@@ -213,9 +219,9 @@ def test_unigram_entropy():
     targets = np.array([[0, 0, 1, 2, 9]])
     batch = {"targets": targets, "loss_mask": np.array([[1, 1, 1, 1, 0]])}
     p = np.array([0.5, 0.25, 0.25])
-    assert data.unigram_entropy([batch], 10) == pytest.approx(-(p * np.log(p)).sum())
+    assert batches_lib.unigram_entropy([batch], 10) == pytest.approx(-(p * np.log(p)).sum())
 
 
 def test_document_lines_stop_at_the_limit():
     docs = grain.MapDataset.source(["a\n\nb\n", "c\nd"])
-    assert list(data.document_lines(docs, 3)) == ["a", "b", "c"]
+    assert list(documents.document_lines(docs, 3)) == ["a", "b", "c"]

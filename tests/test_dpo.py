@@ -6,22 +6,32 @@ import math
 import re
 import shutil
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax import batches
 from llama_jax.chat import encode_dialog_with_mask
 from llama_jax.convert import load_checkpoint
 from llama_jax.errors import run_cli
+from llama_jax.examples import load_examples, read_examples
+from llama_jax.loss import dpo_loss, dpo_sums
 from llama_jax.model import Llama
 from llama_jax.optim import lr_schedule, make_optimizer
-from llama_jax.posttrain import Tuning, dpo_loss, dpo_sums, load_examples, read_examples, train_batches
+from llama_jax.step import TrainState, Tuning, make_train_step
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
-from llama_jax.training import TrainState, main, make_train_step
+from llama_jax.training import main
 
 WORDS = "apple river stone cloud green quiet music window paper orange silver forest".split()
 CHOSEN, REJECTED = "Yes, gladly.", "No, never."
+
+
+def packed(examples, stage, seq_len, batch_size, seed=0):
+    """Training batches of read examples, one data stream."""
+    pack = batches.examples_packer(stage, seq_len)
+    return batches.train_batches(grain.MapDataset.source(examples), pack, batch_size, seed)
 
 
 def preferences(n: int, seed: int = 0) -> list[dict]:
@@ -80,7 +90,7 @@ def test_a_pair_is_packed_whole_with_the_responses_weighted(files, tmp_path):
     rows = [{"messages": [{"role": "user", "content": "Tell me about apple."}], "chosen": CHOSEN, "rejected": REJECTED}]
     rows += [{**p, "chosen": [{"role": "assistant", "content": CHOSEN}]} for p in preferences(5)]
     examples, _, _ = read_examples([write_jsonl(tmp_path / "p.jsonl", rows)], "dpo", tok, 256, skip_bad=False)
-    batch = next(iter(train_batches(examples, "dpo", 256, 2, seed=0)))
+    batch = next(iter(packed(examples, "dpo", 256, 2)))
     row, segments = 0, batch["segment_ids"][0]
     assert {1, 2, 3, 4} <= set(segments)  # two pairs share the row
     for chosen_segment, text in ((1, CHOSEN), (2, REJECTED)):
@@ -96,7 +106,7 @@ def test_policy_equal_to_reference_gives_log_2(files, tmp_path):
     """Full fine-tuning: at step 0 the policy is the reference (a copy of the starting weights)."""
     tok = load_tokenizer(files["tokenizer"])
     examples, _, _ = read_examples([write_jsonl(tmp_path / "p.jsonl", preferences(8))], "dpo", tok, 128, False)
-    batch = {k: jnp.asarray(v) for k, v in next(iter(train_batches(examples, "dpo", 128, 4, seed=0))).items()}
+    batch = {k: jnp.asarray(v) for k, v in next(iter(packed(examples, "dpo", 128, 4))).items()}
     ckpt = load_checkpoint(files["hf"])
     params = jax.tree.map(jnp.asarray, ckpt.params)
     schedule = lr_schedule(1e-3, 0, 10, 0.1)

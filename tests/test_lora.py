@@ -22,17 +22,18 @@ from llama_jax.convert.cli import main as convert_main
 from llama_jax.errors import run_cli
 from llama_jax.model import Llama, init_params
 from llama_jax.optim import lr_schedule, make_optimizer
-from llama_jax.posttrain import Tuning
-from llama_jax.tokenizer import train_sentencepiece
-from llama_jax.training import (
+from llama_jax.step import (
+    BATCH_KEYS,
     TrainState,
-    batch_shardings,
+    Tuning,
     init_state,
-    main,
     make_train_step,
     objective,
+    shardings_of,
     state_layout,
 )
+from llama_jax.tokenizer import train_sentencepiece
+from llama_jax.training import main
 
 CFG = get_preset("tiny-llama3")  # grouped-query attention: wk/wv narrower than wq
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)))
@@ -55,6 +56,23 @@ def logits(params, adapters=None, rng=None, lcfg=None):
         return Llama(CFG).apply({"params": tree}, TOKENS)[0]
 
 
+def node(tree, path: str):
+    for part in path.split("/"):
+        tree = tree[part]
+    return tree
+
+
+def merged(base, adapters, lcfg: lora.LoraConfig):
+    """The base with every adapter merged in, layer by layer, as the converter exports a LoRA run."""
+    params = jax.tree.map(np.array, base)
+    for target in lcfg.targets:
+        kernel, pair = node(params, lora.TARGETS[target]), node(adapters, lora.TARGETS[target])
+        a, b = np.asarray(pair["lora_a"]), np.asarray(pair["lora_b"])
+        layers = [lora.merge_kernel(k, a[i], b[i], lcfg.scale) for i, k in enumerate(kernel["kernel"])]
+        kernel["kernel"] = np.stack(layers)
+    return params
+
+
 @pytest.fixture(scope="module")
 def base():
     return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
@@ -73,7 +91,7 @@ def test_merged_weights_equal_the_adapter_forward(base, targets):
     lcfg = lora.LoraConfig(rank=4, alpha=8.0, targets=targets)
     adapters = random_adapters(lcfg)
     adapted = logits(base, adapters, lcfg=lcfg)
-    np.testing.assert_allclose(logits(lora.merge(base, adapters, lcfg)), adapted, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits(merged(base, adapters, lcfg)), adapted, atol=1e-5, rtol=0)
     assert float(jnp.abs(adapted - logits(base)).max()) > 0.05  # and the adapters do change the model
 
 
@@ -116,9 +134,9 @@ def test_only_adapters_are_trained_and_their_gradient_is_the_merged_models(base)
         """The mean loss of the merged model, autodiff through the merge."""
         params = jax.tree.map(lambda x: x, base)
         for target in lcfg.targets:
-            node, pair = lora._get(params, lora.TARGETS[target]), lora._get(adapters, lora.TARGETS[target])
+            kernel, pair = node(params, lora.TARGETS[target]), node(adapters, lora.TARGETS[target])
             delta = jax.vmap(lambda a, b: jnp.tensordot(a, b, 1))(pair["lora_a"], pair["lora_b"])
-            node["kernel"] = node["kernel"] + lcfg.scale * delta
+            kernel["kernel"] = kernel["kernel"] + lcfg.scale * delta
         logp = jax.nn.log_softmax(model.apply({"params": params}, batch["tokens"])[0])
         xent = -jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
         return jnp.sum(xent * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
@@ -197,7 +215,9 @@ def test_hf_model_sft_then_export_to_hf_matches_transformers(tmp_path, capsys, m
         lcfg, base_dir = lora.load_run_config(run)
         assert base_dir == tmp_path / "meta"
         adapters = ocp.StandardCheckpointer().restore(step_dir / "adapters")
-        ours = lora.apply(model, load_checkpoint(base_dir).params, adapters, lcfg, jnp.asarray(tokens))[0]
+        with lora.intercept(lcfg):
+            params = lora.combine(load_checkpoint(base_dir).params, adapters)
+            ours = model.apply({"params": params}, jnp.asarray(tokens))[0]
     else:
         ours = model.apply({"params": load_checkpoint(run).params}, jnp.asarray(tokens))[0]
     assert np.abs(theirs).max() > 1
@@ -239,8 +259,8 @@ def test_lora_dpo_step_sharded_over_8_devices_equals_one_device(base):
     for plan_name in ("single", "fsdp"):
         plan = sharding.load_plan(plan_name)
         mesh = sharding.build_mesh(plan)
-        _, state_sh = state_layout(CFG, optimizer, tuning, plan, mesh, jnp.float32)
-        batch_sh = batch_shardings(plan, mesh, (8, 16))
+        state_sh = shardings_of(state_layout(CFG, optimizer, tuning, plan, mesh, jnp.float32))
+        batch_sh = dict.fromkeys(BATCH_KEYS, sharding.batch_sharding(plan, mesh, (8, 16)))
         state = TrainState(np.int32(0), adapters, jax.tree.map(np.asarray, optimizer.init(adapters)))
         state = sharding.put(state.replace(frozen=tuning.frozen(jax.tree.map(np.asarray, base))), state_sh)
         step = jax.jit(

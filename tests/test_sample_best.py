@@ -12,9 +12,10 @@ from llama_jax import infer
 from llama_jax.chat import encode_dialog
 from llama_jax.config import LlamaConfig
 from llama_jax.convert import Checkpoint, save_checkpoint
+from llama_jax.examples import read_examples
 from llama_jax.generate import Sampling, generate
+from llama_jax.load import load
 from llama_jax.model import init_params
-from llama_jax.posttrain import read_examples
 from llama_jax.tokenizer import train_sentencepiece
 
 CFG = LlamaConfig(64, 2, 4, 2, vocab_size=320, ffn_dim=176, max_seq_len=128, family="llama2")
@@ -52,7 +53,7 @@ def test_the_best_of_k_completions_becomes_an_sft_example(files, tmp_path, capsy
 
     # The same completions, generated directly: the K rows of a prompt differ, and the one written
     # has the highest reward.
-    lm = infer.load(files["model"])
+    lm = load(files["model"])
     namespace: dict = {}
     exec(REWARD, namespace)
     for example, given in zip(written, PROMPTS, strict=True):

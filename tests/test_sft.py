@@ -7,24 +7,34 @@ import json
 import re
 import shutil
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from llama_jax import batches
 from llama_jax.chat import encode_dialog, encode_dialog_with_mask
 from llama_jax.config import LlamaConfig
 from llama_jax.convert import Checkpoint, load_checkpoint, save_checkpoint
 from llama_jax.errors import run_cli
+from llama_jax.examples import read_examples
 from llama_jax.generate import Sampling, generate
+from llama_jax.loss import output_kernel, token_losses
 from llama_jax.model import Llama, init_params
-from llama_jax.posttrain import Tuning, read_examples, train_batches
+from llama_jax.step import Tuning, objective
 from llama_jax.tokenizer import TiktokenTokenizer, load_tokenizer, train_sentencepiece
-from llama_jax.training import main, objective, output_kernel, token_losses
+from llama_jax.training import main
 
 CFG = LlamaConfig(64, 2, 4, 2, vocab_size=320, ffn_dim=176, max_seq_len=128, family="llama2")
 WORDS = "apple river stone cloud green quiet music window paper orange silver forest".split()
 ANSWER = "It is 42."
+
+
+def packed(examples, stage, seq_len, batch_size, seed=0):
+    """Training batches of read examples, one data stream."""
+    pack = batches.examples_packer(stage, seq_len)
+    return batches.train_batches(grain.MapDataset.source(examples), pack, batch_size, seed)
 
 
 def question(rng) -> str:
@@ -75,7 +85,7 @@ def test_packed_rows_weight_exactly_the_assistant_tokens(files, tmp_path, chat_f
     assert skipped == 0 and len(examples) == len(chats)
     expected = {tuple(ids[:-1]): (ids[1:], mask[1:]) for ids, mask in (encode_dialog_with_mask(tok, d) for d in chats)}
     seen, packed_rows = 0, 0
-    for batch in itertools.islice(train_batches(examples, "sft", 200, 2, seed=0), 6):
+    for batch in itertools.islice(packed(examples, "sft", 200, 2), 6):
         for row in range(2):
             segments = batch["segment_ids"][row]
             assert not batch["loss_mask"][row][segments == 0].any()
@@ -100,7 +110,7 @@ def test_non_assistant_positions_get_zero_gradient(files, tmp_path):
     tok = load_tokenizer(files["tokenizer"])
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": d} for d in dialogs(6)])
     examples, _, _ = read_examples([path], "sft", tok, seq_len=128, skip_bad=False)
-    batch = {k: jnp.asarray(v) for k, v in next(iter(train_batches(examples, "sft", 128, 2, seed=0))).items()}
+    batch = {k: jnp.asarray(v) for k, v in next(iter(packed(examples, "sft", 128, 2))).items()}
     mask = batch["loss_mask"]
     assert 0 < int(mask.sum()) < int((batch["segment_ids"] > 0).sum())
     scrambled = {**batch, "targets": jnp.where(mask > 0, batch["targets"], (batch["targets"] * 7 + 11) % 320)}

@@ -17,6 +17,7 @@ from llama_jax import infer, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.convert import Checkpoint, save_checkpoint
 from llama_jax.generate import Sampling, generate
+from llama_jax.load import load
 from llama_jax.model import init_params
 from llama_jax.tokenizer import train_sentencepiece
 
@@ -85,7 +86,7 @@ EXPECTED = {  # parameter -> plan -> mesh axes per dimension
 
 @pytest.mark.parametrize("plan", ["dp", "fsdp", "fsdp_tp", "tp"])
 def test_parameters_are_sharded_as_the_plan_says(model_dir, plan):
-    lm = infer.load(str(model_dir / "model"), plan=plan)
+    lm = load(str(model_dir / "model"), plan=plan)
     for key, by_plan in EXPECTED.items():
         leaf = lm.params
         for part in key.split("/"):
@@ -105,7 +106,7 @@ def test_tp_greedy_generation_equals_one_device(model_dir):
     prompts = [[1, 5, 9, 22, 7], [1, 3], [1] + list(range(10, 40))]
     outputs = {}
     for plan in ("single", "tp"):
-        lm = infer.load(str(model_dir / "model"), plan=plan)
+        lm = load(str(model_dir / "model"), plan=plan)
         with sharding.activate(lm.plan, lm.mesh):
             done = generate(lm.model, lm.params, prompts, 12, Sampling(temperature=0), batch_multiple=lm.batch_multiple)
         outputs[plan] = [c.tokens for c in done]
@@ -116,7 +117,7 @@ def test_tp_greedy_generation_equals_one_device(model_dir):
 def test_checkpoint_saved_under_fsdp_restores_under_tp_and_one_device(model_dir, reference):
     import orbax.checkpoint as ocp
 
-    lm = infer.load(str(model_dir / "model"), plan="fsdp")
+    lm = load(str(model_dir / "model"), plan="fsdp")
     saved = model_dir / "fsdp-saved"
     saved.mkdir()
     (saved / "config.json").write_text((model_dir / "model" / "config.json").read_text())
@@ -125,7 +126,7 @@ def test_checkpoint_saved_under_fsdp_restores_under_tp_and_one_device(model_dir,
     checkpointer.wait_until_finished()
     assert lm.params["layers"]["attention"]["wq"]["kernel"].sharding.spec == P(None, "fsdp", None, None)
     for plan in ("tp", "single"):
-        restored = infer.load(str(saved), plan=plan)
+        restored = load(str(saved), plan=plan)
         wq = restored.params["layers"]["attention"]["wq"]["kernel"]
         assert wq.sharding.spec == (P(None, None, "tensor", None) if plan == "tp" else P(None, None, None, None))
         assert max_diff(score_with(model_dir, plan, f"restored-{plan}", "fsdp-saved"), reference) <= 1e-5

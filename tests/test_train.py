@@ -11,21 +11,11 @@ import optax
 import pytest
 
 from llama_jax.config import ConfigError, flops_per_token, get_preset
-from llama_jax.errors import UserError
-from llama_jax.model import Llama, init_params
+from llama_jax.loss import output_kernel, token_losses, weighted_loss
+from llama_jax.model import Llama, build_model, init_params
 from llama_jax.optim import decay_mask, lr_schedule, make_optimizer
+from llama_jax.step import init_state, loss_sums, make_eval_step, make_train_step
 from llama_jax.train_config import TrainConfig, build_parser, parse_args
-from llama_jax.training import (
-    attention_impl,
-    init_state,
-    layer_unroll,
-    loss_sums,
-    make_eval_step,
-    make_train_step,
-    output_kernel,
-    token_losses,
-    weighted_loss,
-)
 
 CFG = get_preset("tiny-llama2")
 init = jax.jit(init_params, static_argnums=0)
@@ -210,9 +200,9 @@ def test_training_lowers_the_loss_and_eval_step_agrees(tiny_step):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0] - 0.5
-    xent_sum, count = jax.jit(make_eval_step(Llama(CFG), 8))(state.params, batch)
-    assert count == batch["loss_mask"].sum()
-    assert float(xent_sum / count) < losses[-1]
+    sums = jax.jit(make_eval_step(Llama(CFG), 8))(state.params, None, batch)
+    assert sums["count"] == batch["loss_mask"].sum()
+    assert float(sums["loss"] / sums["count"]) < losses[-1]
 
 
 def test_schedule_warmup_and_cosine_to_a_tenth():
@@ -289,9 +279,20 @@ def test_help_lists_every_option_with_its_default():
 
 
 def test_layer_loop_is_unrolled_on_gpus_without_remat_by_default():
-    assert [layer_unroll(0, 16, "none", backend) for backend in ("gpu", "tpu", "cpu")] == [16, 1, 1]
-    assert layer_unroll(0, 16, "full", "gpu") == 1
-    assert (layer_unroll(4, 16, "full", "tpu"), layer_unroll(99, 16, "none", "gpu")) == (4, 16)
+    cfg = get_preset("llama3.2-1b")  # 16 layers
+    unroll = lambda setting, remat, backend: build_model(cfg, "auto", "xla", remat, setting, backend).scan_unroll
+    assert [unroll(0, "none", backend) for backend in ("gpu", "tpu", "cpu")] == [16, 1, 1]
+    assert unroll(0, "full", "gpu") == 1
+    assert (unroll(4, "full", "tpu"), unroll(99, "none", "gpu")) == (4, 16)
+
+
+def test_auto_settings_follow_the_backend():
+    cfg = get_preset("tiny")
+    resolved = {b: build_model(cfg, backend=b) for b in ("cpu", "gpu", "tpu")}
+    assert [(jnp.dtype(m.dtype).name, m.attention_impl) for m in resolved.values()] == [
+        ("float32", "xla"), ("bfloat16", "cudnn"), ("bfloat16", "splash")
+    ]
+    assert build_model(cfg, "float32", backend="gpu").attention_impl == "xla"  # cuDNN takes 16-bit inputs
 
 
 def test_model_flops_count_what_each_stage_computes():
@@ -309,5 +310,5 @@ def test_model_flops_count_what_each_stage_computes():
 
 def test_tokamax_attention_without_tokamax_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(UserError, match=r"pip install 'llama-jax\[cuda\]'"):
-        attention_impl("tokamax", jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"pip install 'llama-jax\[cuda\]'"):
+        build_model(get_preset("tiny"), "bfloat16", "tokamax")

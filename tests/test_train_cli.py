@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import data
+from llama_jax import documents
 from llama_jax.config import get_preset
 from llama_jax.convert import load_checkpoint
 from llama_jax.errors import run_cli
@@ -32,7 +32,7 @@ ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU devic
 def corpus(tmp_path_factory) -> dict:
     """40 standard-library files and a 512-token tokenizer trained on them."""
     root = tmp_path_factory.mktemp("corpus")
-    for i, f in enumerate(data.stdlib_files()[::15][:40]):
+    for i, f in enumerate(documents.stdlib_files()[::15][:40]):
         shutil.copyfile(f, root / f"{i:02d}.py")
     tokenizer = train_sentencepiece(sorted(map(str, root.glob("*.py"))), root / "tok", vocab_size=512)
     ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))  # runs share compilations

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from llama_jax import data
+from llama_jax import documents
 from llama_jax.config import LlamaConfig
 from llama_jax.convert import Checkpoint, save_checkpoint
 from llama_jax.model import init_params
@@ -27,7 +27,7 @@ ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 @pytest.fixture(scope="module")
 def start(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sharded-train")
-    for i, f in enumerate(data.stdlib_files()[::25][:24]):
+    for i, f in enumerate(documents.stdlib_files()[::25][:24]):
         (root / f"{i:02d}.py").write_bytes(Path(f).read_bytes())
     tok = train_sentencepiece(sorted(map(str, root.glob("*.py"))), root / "tok", vocab_size=512)
     params = jax.tree.map(np.asarray, init_params(CFG, jax.random.key(0)))

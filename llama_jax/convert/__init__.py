@@ -6,6 +6,7 @@ from llama_jax.convert.checkpoint import (
     detect_format,
     load_checkpoint,
     open_checkpoint,
+    read_checkpoint,
     save_checkpoint,
 )
 from llama_jax.convert.source import ConvertError
@@ -17,5 +18,6 @@ __all__ = [
     "detect_format",
     "load_checkpoint",
     "open_checkpoint",
+    "read_checkpoint",
     "save_checkpoint",
 ]

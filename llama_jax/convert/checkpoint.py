@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from llama_jax.config import LlamaConfig
-from llama_jax.convert.source import DTYPES, ConvertError, Source, get_leaf, iter_tensors, set_leaf
+from llama_jax.convert.source import ConvertError, Source, get_leaf, iter_tensors, set_leaf
+from llama_jax.dtypes import DTYPES
 
 FORMATS = ("meta", "hf", "orbax")
 
@@ -65,24 +66,34 @@ def open_checkpoint(path: str | os.PathLike, fmt: str = "auto", dtype: Any = Non
     # Imported on use: torch (Meta files) is an optional dependency, jax and orbax are slow to import.
     from llama_jax.convert.hf import HFReader
     from llama_jax.convert.meta import MetaReader
-    from llama_jax.convert.orbax_ckpt import LoraRunReader, OrbaxReader
+    from llama_jax.convert.orbax_ckpt import LoraRunReader, OrbaxReader, lora_run_base
+    from llama_jax.lora import CONFIG_FILE as lora_run_file
 
     path = Path(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
-    lora_run = (path / "lora.json").is_file()  # a LoRA run reads as its base with the adapters merged
-    readers = {"meta": MetaReader, "hf": HFReader, "orbax": LoraRunReader if lora_run else OrbaxReader}
+    readers = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
     if fmt not in readers:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     if not path.is_dir():
         raise ConvertError(f"{path} is not a directory")
+    if fmt == "orbax" and (path / lora_run_file).is_file():  # a LoRA run reads as its base, adapters merged
+        lcfg, base = lora_run_base(path)
+        return LoraRunReader(path, _dtype(dtype), lcfg, open_checkpoint(base))
     return readers[fmt](path, _dtype(dtype))
 
 
 def load_checkpoint(path: str | os.PathLike, fmt: str = "auto", dtype: Any = None) -> Checkpoint:
     """Any checkpoint (Meta, HF or ours) as a canonical pytree of numpy arrays."""
-    source = open_checkpoint(path, fmt, dtype)
+    return read_checkpoint(open_checkpoint(path, fmt, dtype))
+
+
+def read_checkpoint(source: Source, dtype: Any = None) -> Checkpoint:
+    """Every tensor of an open checkpoint, as a canonical pytree of numpy arrays (each cast to
+    `dtype` as it is read, when given)."""
+    cast = _dtype(dtype)
     params: dict[str, Any] = {}
     for t, layer, x in iter_tensors(source):
+        x = x if cast is None else x.astype(cast, copy=False)
         if layer is None:
             set_leaf(params, t.key, x)
             continue

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from llama_jax.convert.checkpoint import FORMATS, open_checkpoint, save_checkpoint
-from llama_jax.convert.source import DTYPES
+from llama_jax.dtypes import DTYPES
 from llama_jax.errors import ArgumentParser, run_cli
 
 

@@ -1,22 +1,11 @@
-"""Our model directory: config.json (LlamaConfig.to_dict()), params/ (an Orbax PyTree checkpoint
-of the canonical params pytree, restorable with orbax's StandardCheckpointer/PyTreeCheckpointer)
-and tokenizer files. Also read: a train.py run directory, config.json + checkpoints/ (a
-CheckpointManager root whose steps hold a `params` item); its latest step's params are used.
-A LoRA run (lora.json, steps holding an `adapters` item) reads as its base checkpoint with the
-latest adapters merged in (`LoraRunReader`), so every export of it gets merged weights.
+"""Our model directory: config.json (LlamaConfig.to_dict()), params/ (an Orbax PyTree checkpoint of
+the canonical params, restorable with orbax's StandardCheckpointer) and tokenizer files. Also read:
+a train.py run directory (its latest step's `params`), and a LoRA run (its base checkpoint with the
+latest `adapters` merged in).
 
-Orbax saves a pytree in one call with every leaf in memory, and its OCDBT writer buffers a leaf's
-compressed chunks until commit. So the writer has orbax save placeholders instead: zero-strided
-zero arrays of the right shapes and dtypes, which cost no memory and compress to nothing. That
-lays out the whole checkpoint (metadata, array specs, chunking) exactly as orbax does; then each
-tensor is written into its array through TensorStore, one layer at a time, with the spec orbax
-itself uses to read that array. Chunks hold at most 32 MiB and never span two layers, so readers
-fetch one layer at a time too.
-
-Reading also goes through TensorStore one layer at a time (orbax's restore holds a leaf twice).
-A leaf stored in chunks of several layers (orbax's default is one chunk per array, as train.py
-writes) is decoded into TensorStore's cache once and sliced from there: about twice such a chunk.
-"""
+Streaming both ways: the writer has orbax lay out the checkpoint with zero-cost placeholder arrays,
+then writes each tensor through TensorStore one layer at a time (chunks of at most 32 MiB, never
+spanning two layers); the reader reads through TensorStore one layer at a time too."""
 
 from __future__ import annotations
 
@@ -28,6 +17,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from llama_jax import lora
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.layout import stacked_shape, tensors
 from llama_jax.convert.source import (
@@ -119,27 +109,29 @@ class OrbaxReader(Reader):
         return np.dtype(self.arrays.leaves[key].dtype)
 
 
+def lora_run_base(path: Path) -> tuple[lora.LoraConfig, Path]:
+    """A LoRA run's adapter settings and the path of its base checkpoint (lora.json)."""
+    try:
+        lcfg, base = lora.load_run_config(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConvertError(f"unreadable {path / lora.CONFIG_FILE}: {e}") from None
+    if not base.is_dir():
+        raise ConvertError(f"the base checkpoint of LoRA run {path}, {base} (see lora.json), is missing")
+    return lcfg, base
+
+
 class LoraRunReader(Reader):
-    """A LoRA run directory: the base checkpoint named in lora.json (any format), each targeted
+    """A LoRA run directory: its base checkpoint (any format, opened by the caller), each targeted
     kernel merged with the latest step's adapters (kernel + alpha/rank * A @ B in float32, then
     the base's dtype). The adapters are small and read whole."""
 
     format = "orbax"
 
-    def __init__(self, path: Path, cast: np.dtype | None = None):
-        from llama_jax import lora
-        from llama_jax.convert.checkpoint import open_checkpoint
-
+    def __init__(self, path: Path, cast: np.dtype | None, lcfg: lora.LoraConfig, base: Source):
         super().__init__(path, load_config(path / "config.json", LlamaConfig.from_dict), cast)
-        try:
-            self.lora, base = lora.load_run_config(path)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConvertError(f"unreadable {path / lora.CONFIG_FILE}: {e}") from None
-        if not base.is_dir():
-            raise ConvertError(f"the base checkpoint of LoRA run {path}, {base} (see lora.json), is missing")
-        self.base = open_checkpoint(base)
+        self.lora, self.base = lcfg, base
         if self.base.config != self.config:
-            raise ConvertError(f"the base checkpoint {base} is not the model of LoRA run {path}")
+            raise ConvertError(f"the base checkpoint {base.path} is not the model of LoRA run {path}")
         arrays = _Arrays(_params_dir(path, "adapters"))
         self.adapters = {}
         for key, shape in lora.adapter_shapes(self.config, self.lora).items():
@@ -148,7 +140,6 @@ class LoraRunReader(Reader):
             check_shape(f"adapter {key}", arrays.leaves[key].shape, shape)
             self.adapters[key] = np.asarray(arrays[key].read().result())
         self.merged = {f"{lora.TARGETS[t]}/kernel": lora.TARGETS[t] for t in self.lora.targets}
-        self.merge_kernel = lora.merge_kernel
 
     def _read(self, key: str, layer: int | None) -> np.ndarray:
         x = self.base.read(key, layer)
@@ -156,8 +147,8 @@ class LoraRunReader(Reader):
             return x
         a, b = (self.adapters[f"{self.merged[key]}/{n}"] for n in ("lora_a", "lora_b"))
         if layer is None:  # the whole stack
-            return np.stack([self.merge_kernel(x[i], a[i], b[i], self.lora.scale) for i in range(len(x))])
-        return self.merge_kernel(x, a[layer], b[layer], self.lora.scale)
+            return np.stack([lora.merge_kernel(x[i], a[i], b[i], self.lora.scale) for i in range(len(x))])
+        return lora.merge_kernel(x, a[layer], b[layer], self.lora.scale)
 
     def _dtype(self, key: str) -> np.dtype:
         return self.base.dtype(key)

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
@@ -17,7 +16,6 @@ from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.convert.layout import Tensor, items
 from llama_jax.errors import UserError
 
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",

@@ -1,0 +1,73 @@
+"""Loading any checkpoint for inference: the model, its parameters placed on the devices as a
+sharding plan says, and its tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+
+from llama_jax import sharding
+from llama_jax.config import LlamaConfig
+from llama_jax.errors import UserError
+from llama_jax.model import Llama, Params, build_model, param_shapes
+from llama_jax.tokenizer import Tokenizer
+
+
+@dataclass
+class Loaded:
+    cfg: LlamaConfig
+    model: Llama
+    params: Params
+    tokenizer: Tokenizer | None  # None when the checkpoint has none and none was needed
+    plan: sharding.Plan
+    mesh: jax.sharding.Mesh
+
+    @property
+    def batch_multiple(self) -> int:
+        """How many ways the batch is split: batches are padded to a multiple."""
+        return sharding.batch_parallelism(self.plan, self.mesh)
+
+
+def load(
+    checkpoint: str,
+    dtype: str = "auto",
+    tokenizer: str | None = None,
+    need_tokenizer: bool = False,
+    plan: str = "single",
+) -> Loaded:
+    """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta, a
+    LoRA run), placed on the devices as the sharding plan says. dtype 'auto': float32 on CPUs,
+    bfloat16 on accelerators."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax.convert import open_checkpoint, read_checkpoint
+    from llama_jax.convert.orbax_ckpt import OrbaxReader
+    from llama_jax.tokenizer import TokenizerError, load_tokenizer
+
+    sharding_plan = sharding.load_plan(plan)
+    mesh = sharding.build_mesh(sharding_plan)
+    source = open_checkpoint(checkpoint)  # validates config, names and shapes
+    cfg, tokenizer_files = source.config, source.tokenizer_files
+    model = build_model(cfg, dtype)
+    placement = sharding.param_shardings(sharding_plan, mesh, cfg)
+    if isinstance(source, OrbaxReader):  # restored straight into the target sharding: each host reads its shards
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, model.dtype, sharding=sh), param_shapes(cfg), placement
+        )
+        params = ocp.StandardCheckpointer().restore(source.params, target)
+    else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed
+        host = read_checkpoint(source).params
+        params = sharding.put(jax.tree.map(lambda a: np.asarray(a).astype(model.dtype), host), placement)
+    tok = None
+    where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
+    if tokenizer or tokenizer_files or need_tokenizer:
+        try:
+            tok = load_tokenizer(where[0])
+        except TokenizerError as e:
+            if need_tokenizer:
+                raise UserError(f"no tokenizer found (looked in {', '.join(where)}): {e}") from None
+    if tok is not None and tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's embedding ({cfg.vocab_size})")
+    return Loaded(cfg, model, params, tok, sharding_plan, mesh)

@@ -1,0 +1,223 @@
+"""A training run's directory, and the state a run starts from.
+
+OUT holds config.json (the model's LlamaConfig), train_config.toml (the resolved training
+configuration), the tokenizer, metrics.jsonl, tensorboard/, lora.json for a LoRA run and
+checkpoints/: an Orbax CheckpointManager root whose step directories hold the items `params` (or
+`adapters` for a LoRA run), `opt_state`, `data` (every data stream's iterator state) and `meta`
+(step, rng). Process 0 writes the files; checkpoints are written collectively.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
+
+from llama_jax import batches, hosts, lora, sharding
+from llama_jax.config import LlamaConfig, get_preset
+from llama_jax.convert import open_checkpoint, read_checkpoint
+from llama_jax.convert.source import Source
+from llama_jax.documents import Corpus, document_lines, load_corpus
+from llama_jax.errors import UserError
+from llama_jax.examples import Examples, load_examples
+from llama_jax.step import TrainState, TrainStep, Tuning, init_state, shardings_of
+from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.train_config import RESUME_FIXED, TrainConfig, load_toml
+
+TOKENIZER_LINES = 2_000_000  # lines of training text a tokenizer is trained on, at most
+
+
+@dataclass
+class Run:
+    """What a run trains on, all checked before anything was written."""
+
+    out: Path
+    model_cfg: LlamaConfig
+    tokenizer: Path  # the run's own copy
+    items: Corpus | Examples  # training and held-out documents (pretrain) or examples (sft, dpo)
+    init: Source | None  # the --init-from checkpoint, opened once
+
+
+def tokenizer_in(directory: Path) -> Path | None:
+    return next((directory / n for n in ("tokenizer.model", "tokenizer.json") if (directory / n).is_file()), None)
+
+
+def prepare(cfg: TrainConfig) -> Run:
+    """Check the inputs, then write config.json, train_config.toml, lora.json and the tokenizer to
+    the run directory, so that bad input leaves nothing behind."""
+    out = Path(cfg.out).absolute()
+    tokenizer_src = Path(cfg.tokenizer) if cfg.tokenizer else None
+    init = open_checkpoint(cfg.init_from) if cfg.init_from else None
+    model_cfg = init.config if init else get_preset(cfg.model)
+    if tokenizer_src is None and init and init.tokenizer_files:
+        tokenizer_src = init.tokenizer_files[0]
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"seq-len {cfg.seq_len} exceeds the model's context of {model_cfg.max_seq_len}")
+    batches.local_streams(cfg.data_streams, jax.process_index(), jax.process_count())
+    if (out / "config.json").exists():
+        if json.loads((out / "config.json").read_text()) != model_cfg.to_dict():
+            raise UserError(f"{out} holds a run of another model; choose another --out")
+        previous = load_toml(out / "train_config.toml")
+        changed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if previous.get(k) != getattr(cfg, k)]
+        if changed:
+            raise UserError(f"{out} was trained with other {', '.join(changed)}; resume with the same values")
+    saved = tokenizer_in(out)
+    if tokenizer_src is not None:
+        vocab = load_tokenizer(tokenizer_src).vocab_size
+        if vocab > model_cfg.vocab_size:
+            raise UserError(f"the tokenizer has {vocab} tokens, the model only {model_cfg.vocab_size}")
+        tokenizer_src = tokenizer_in(tokenizer_src) if tokenizer_src.is_dir() else tokenizer_src
+        if saved is not None and saved.read_bytes() != tokenizer_src.read_bytes():
+            raise UserError(f"{out} was trained with another tokenizer, {saved}")
+    if cfg.stage == "pretrain":
+        items = load_corpus(cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.data_format, cfg.data_field, cfg.seed)
+    else:  # every example is read and checked before anything is written
+        if tokenizer_src is None and saved is None:
+            raise UserError(f"--stage {cfg.stage} needs a chat tokenizer: --tokenizer, or --init-from a model with one")
+        items = load_examples(
+            cfg.stage, cfg.data, cfg.eval_data, cfg.eval_fraction, load_tokenizer(tokenizer_src or saved),
+            cfg.seq_len, cfg.seed, cfg.skip_bad_examples,
+        )  # fmt: skip
+
+    hosts.barrier("run directory checked")  # every process has read the run directory before it changes
+    if jax.process_index() == 0:  # one process writes the run directory; the others then read it
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+        (out / "train_config.toml").write_text(cfg.to_toml())
+        if saved is None and tokenizer_src is not None:
+            name = "tokenizer.json" if tokenizer_src.suffix == ".json" else "tokenizer.model"
+            shutil.copyfile(tokenizer_src, out / name)
+        elif saved is None:
+            print(f"training a {model_cfg.vocab_size}-token SentencePiece BPE tokenizer on the training documents")
+            lines = document_lines(items.train, TOKENIZER_LINES)
+            train_sentencepiece(lines, out / "tokenizer.tmp", model_cfg.vocab_size).rename(out / "tokenizer.model")
+            (out / "tokenizer.tmp.vocab").unlink(missing_ok=True)
+        tuning = Tuning.from_config(cfg)
+        if tuning.lora is not None:
+            lora.save_run_config(out, tuning.lora, cfg.init_from)
+    print(f"configuration (saved to {out / 'train_config.toml'}):\n{cfg.to_toml()}", end="")
+    hosts.barrier("run directory written")
+    return Run(out, model_cfg, tokenizer_in(out), items, init)
+
+
+class Checkpoints:
+    """The run's Orbax CheckpointManager. Saves are asynchronous and each is reported on stdout
+    once complete; a step directory only appears complete (Orbax renames a temporary directory),
+    and temporary directories left by a killed save are deleted when the next run starts."""
+
+    def __init__(self, run_dir: Path, keep: int, item: str = "params"):
+        self.item = item  # what state.params is saved as: "params", or "adapters" (LoRA)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True
+        )
+        self.mngr = ocp.CheckpointManager(run_dir / "checkpoints", options=options)
+        self.pending: int | None = None  # a step being saved, not yet reported
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, state: TrainState, data_iter: batches.Streams, rng: jax.Array) -> None:
+        self.report(wait=True)
+        self.pending = step = int(state.step)
+        self.mngr.save(
+            step,
+            args=ocp.args.Composite(
+                **{self.item: ocp.args.StandardSave(state.params)},
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                # Every process's streams, serialised now: the iterators go on while Orbax writes.
+                data=ocp.args.JsonSave(hosts.gather_json(data_iter.get_state())),
+                meta=ocp.args.JsonSave({"step": step, "rng": jax.random.key_data(rng).tolist()}),
+            ),
+        )
+
+    def restore(self, step: int, abstract: TrainState, data_iter: batches.Streams) -> TrainState:
+        """The train state of `step`; `data_iter`'s streams are moved to where they were then."""
+        restored = self.mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                **{self.item: ocp.args.StandardRestore(abstract.params)},
+                opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        data_iter.set_state(restored.data)
+        return TrainState(sharding.put(np.int32(step), abstract.step.sharding), restored[self.item], restored.opt_state)
+
+    def report(self, wait: bool) -> None:
+        """Print "checkpoint saved: step N" once the pending save is complete (`wait`: block)."""
+        if self.pending is not None and (wait or not self.mngr.is_saving_in_progress()):
+            self.mngr.wait_until_finished()
+            print(f"checkpoint saved: step {self.pending}", flush=True)
+            self.pending = None
+
+    def close(self) -> None:
+        self.report(wait=True)
+        self.mngr.close()
+
+
+def start_state(
+    step: TrainStep, tuning: Tuning, checkpoints: Checkpoints, data_iter: batches.Streams, init: Source | None, rng
+) -> tuple[TrainState, int]:
+    """(the state to train from, its step): the latest checkpoint restored straight into this run's
+    shardings (whatever mesh saved it), else the --init-from weights, else random weights or fresh
+    LoRA adapters created already sharded; plus the frozen inputs (LoRA base, DPO reference)."""
+    start = checkpoints.latest_step() or 0
+    sh = shardings_of(step.state)
+    start_params = None  # the --init-from weights: where training starts, or the LoRA base / DPO reference
+    if init and (not start or step.state.frozen is not None):
+        start_params = read_checkpoint(init, np.float32 if tuning.lora is None else step.model.dtype).params
+    if start:
+        state = checkpoints.restore(start, step.state, data_iter)
+        print(f"resumed from the checkpoint at step {start}")
+    elif init and tuning.lora is None:
+        params = sharding.put(start_params, sh.params)
+        opt_state = jax.jit(step.optimizer.init, out_shardings=sh.opt_state)(params)
+        state = TrainState(sharding.put(np.int32(0), sh.step), params, opt_state)
+        print(f"starting from the weights of {init.path}")
+    else:
+        init_fn = partial(init_state, step.model.cfg, step.optimizer, lora_cfg=tuning.lora)
+        state = jax.jit(init_fn, out_shardings=sh.replace(frozen=None))(rng)
+    if sh.frozen is not None:  # the LoRA base as loaded; a DPO reference as a copy in the compute dtype
+        fixed = start_params if tuning.lora else jax.tree.map(lambda x: x.astype(step.model.dtype), start_params)
+        state = state.replace(frozen=sharding.put(tuning.frozen(fixed), sh.frozen))
+        if tuning.lora is not None:
+            print(f"training rank-{tuning.lora.rank} LoRA adapters of {', '.join(tuning.lora.targets)}")
+    return state, start
+
+
+class MetricsLog:
+    """metrics.jsonl lines and TensorBoard scalars. Lines past `start_step` (left by a run that
+    was killed after its last checkpoint) are dropped, and TensorBoard purges those steps."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0  # one process writes for the run
+        if not self.enabled:
+            return
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= start_step))
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        for name, value in values.items():
+            if isinstance(value, float):  # not the token count and the batch checksum
+                self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
