@@ -63,7 +63,7 @@ def _dtype(dtype: Any) -> np.dtype | None:
 
 def open_checkpoint(path: str | os.PathLike, fmt: str = "auto", dtype: Any = None) -> Source:
     """A streaming reader: tensors are read (and cast to `dtype`) one layer at a time, on demand."""
-    # Imported on use: torch (Meta files) is an optional dependency, jax and orbax are slow to import.
+    # Imported on use: jax and orbax are slow to import.
     from llama_jax.convert.hf import HFReader
     from llama_jax.convert.meta import MetaReader
     from llama_jax.convert.orbax_ckpt import LoraRunReader, OrbaxReader, lora_run_base

@@ -21,15 +21,9 @@ from llama_jax.convert.source import (
     read_json,
     write_json,
 )
+from llama_jax.convert.torch_file import TorchReader
 
-
-def _torch_reader(path: Path):
-    from llama_jax.convert.torch_file import TorchReader  # torch is optional: only .bin weights need it
-
-    return TorchReader(path)
-
-
-INDEXES = {"model.safetensors.index.json": SafetensorsReader, "pytorch_model.bin.index.json": _torch_reader}
+INDEXES = {"model.safetensors.index.json": SafetensorsReader, "pytorch_model.bin.index.json": TorchReader}
 
 
 def _open_weights(path: Path) -> dict:
@@ -47,7 +41,7 @@ def _open_weights(path: Path) -> dict:
                 files[shard] = opener(path / shard)
             return {name: files[shard] for name, shard in weight_map.items()}
     found = [(p, SafetensorsReader) for p in sorted(path.glob("*.safetensors"))]
-    found = found or [(p, _torch_reader) for p in sorted(path.glob("pytorch_model*.bin"))]
+    found = found or [(p, TorchReader) for p in sorted(path.glob("pytorch_model*.bin"))]
     if not found:
         raise ConvertError(f"{path} has config.json but no *.safetensors or pytorch_model*.bin weights")
     return {name: f for f in (opener(p) for p, opener in found) for name in f.tensors}
