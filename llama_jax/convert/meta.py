@@ -71,8 +71,8 @@ class MetaReader(Reader):
         params = read_json(path / "params.json")
         self.embedding_axis = 1 if mp > 1 and isinstance(params, dict) and cols * mp == params.get("dim") else 0
         vocab = rows if self.embedding_axis else rows * mp
-        # With the kv heads as stored: params.json says the repeated count when they were repeated.
-        stored = load_config(path / "params.json", functools.partial(from_meta_params, vocab_size=vocab))
+        declared = load_config(path / "params.json", functools.partial(from_meta_params, vocab_size=vocab))
+        stored, self.kv_repeats = self._as_stored(declared)
         expected = {t.name("meta", layer): t for t, layer in items(stored)}
         for shard in self.shards:
             for name, t in expected.items():
@@ -82,7 +82,7 @@ class MetaReader(Reader):
             unexpected = set(shard.tensors) - set(expected) - {"rope.freqs"}
             if unexpected:
                 raise ConvertError(f"unexpected tensor {sorted(unexpected)[0]} in {shard.path}")
-        self.kv_repeats = self._kv_repeats(stored)
+        self.kv_repeats = self.kv_repeats or self._kv_repeats(stored)
         super().__init__(path, stored.replace(n_kv_heads=stored.n_kv_heads // self.kv_repeats), cast)
         shared = path.parent / "tokenizer.model"  # Llama 1/2 downloads: one tokenizer beside the model folders
         if not self.tokenizer_files and shared.is_file():
@@ -97,9 +97,23 @@ class MetaReader(Reader):
             shape[axis] //= len(self.shards)
         return tuple(shape)
 
+    def _as_stored(self, declared: LlamaConfig) -> tuple[LlamaConfig, int]:
+        """The config with n_kv_heads as the shards hold them, and the repeat count (0: unknown yet).
+
+        When model-parallel > n_kv_heads, each kv head is repeated over consecutive shards so that
+        every shard holds one. Either params.json states the repeated count (Meta's 405B MP=16
+        release; the repeats are then found from the data, see _kv_repeats), or it keeps the true
+        n_kv_heads (llama-models' reshard_mp): then the shards' wk rows give the copies."""
+        wk, first = BY_KEY["layers/attention/wk/kernel"].name("meta", 0), self.shards[0]
+        rows = first.shape(wk)[0] if wk in first.tensors and first.shape(wk) else 0
+        held = rows * len(self.shards) // declared.head_dim
+        if held > declared.n_kv_heads and held % declared.n_kv_heads == 0 and rows % declared.head_dim == 0:
+            return declared.replace(n_kv_heads=held), held // declared.n_kv_heads
+        return declared, 0
+
     def _kv_repeats(self, stored: LlamaConfig) -> int:
-        """Meta repeats each kv head over consecutive shards when model-parallel > n_kv_heads, so
-        every shard holds one; find the longest run of identical copies (layer 0 k and v)."""
+        """With params.json stating the repeated count: the longest run of identical copies in
+        layer 0's k and v (each later layer's copies are checked when read)."""
         mp = len(self.shards)
         if mp == 1 or stored.n_kv_heads != mp:
             return 1
@@ -120,6 +134,13 @@ class MetaReader(Reader):
             w = self.shards[0].read(name)
         else:
             w = np.concatenate([s.read(name) for s in self.shards], axis=axis)
+        if t.kv and self.kv_repeats > 1:
+            copies = w.reshape(self.config.n_kv_heads, self.kv_repeats, -1).view(np.uint8)
+            if not (copies == copies[:, :1]).all():
+                raise ConvertError(
+                    f"{self.path}: tensor {name} should hold each of the {self.config.n_kv_heads} kv heads "
+                    f"{self.kv_repeats} times over consecutive shards, but the copies differ"
+                )
         return from_meta(t, w, self.config, self.kv_repeats)
 
     def _dtype(self, key: str) -> np.dtype:
