@@ -7,12 +7,12 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import jax
 import numpy as np
 
 from llama_jax import hosts, sharding
+from llama_jax.convert.hub import resolve_checkpoint
 from llama_jax.dtypes import DTYPES
 from llama_jax.errors import ArgumentParser, UserError, run_cli
 from llama_jax.generate import Sampling, generate, stream
@@ -151,7 +151,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", help="Orbax model/run directory, HF or Meta directory")
+        p.add_argument("--checkpoint", help="Orbax model/run, HF or Meta directory, or HF model id (local cache)")
+        p.add_argument("--revision", default=None, help="branch, tag or commit of a model id (default: main)")
         p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="auto: float32 on CPU, else bfloat16")
         p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: the checkpoint's)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -216,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
         if not args.checkpoint:
             raise UserError("--checkpoint is required")
-        if not Path(args.checkpoint).exists():
-            raise UserError(f"checkpoint not found: {args.checkpoint}")
+        args.checkpoint = str(resolve_checkpoint(args.checkpoint, args.revision))
         hosts.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         args.func(args)
 

@@ -34,6 +34,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
+from llama_jax.convert.hub import resolve_checkpoint
 from llama_jax.model import Linear, Params, param_shapes
 
 # Target name -> the kernel's path in the params pytree.
@@ -187,9 +188,11 @@ def adapter_shardings(cfg: LlamaConfig, param_shardings: Params, lcfg: LoraConfi
 
 
 def save_run_config(run_dir: Path, lcfg: LoraConfig, base: str) -> None:
-    """Write lora.json: the adapter settings and the base checkpoint (an absolute path)."""
+    """Write lora.json: the adapter settings and the base checkpoint (an absolute path; a model id's
+    snapshot directory)."""
     info = {"rank": lcfg.rank, "alpha": lcfg.alpha, "dropout": lcfg.dropout, "targets": list(lcfg.targets)}
-    (run_dir / CONFIG_FILE).write_text(json.dumps({**info, "base": str(Path(base).absolute())}, indent=2) + "\n")
+    base = str(resolve_checkpoint(base).absolute())
+    (run_dir / CONFIG_FILE).write_text(json.dumps({**info, "base": base}, indent=2) + "\n")
 
 
 def load_run_config(run_dir: Path) -> tuple[LoraConfig, Path]:

@@ -9,6 +9,7 @@ from llama_jax.convert.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from llama_jax.convert.hub import resolve_checkpoint
 from llama_jax.convert.source import ConvertError
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "load_checkpoint",
     "open_checkpoint",
     "read_checkpoint",
+    "resolve_checkpoint",
     "save_checkpoint",
 ]

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from llama_jax.config import LlamaConfig
+from llama_jax.convert.hub import resolve_checkpoint
 from llama_jax.convert.source import ConvertError, Source, get_leaf, iter_tensors, set_leaf
 from llama_jax.dtypes import DTYPES
 
@@ -61,15 +62,18 @@ def _dtype(dtype: Any) -> np.dtype | None:
         raise ConvertError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}") from None
 
 
-def open_checkpoint(path: str | os.PathLike, fmt: str = "auto", dtype: Any = None) -> Source:
-    """A streaming reader: tensors are read (and cast to `dtype`) one layer at a time, on demand."""
+def open_checkpoint(
+    path: str | os.PathLike, fmt: str = "auto", dtype: Any = None, revision: str | None = None
+) -> Source:
+    """A streaming reader: tensors are read (and cast to `dtype`) one layer at a time, on demand.
+    `path` is a directory or a Hugging Face model id in the local cache (at `revision`, see hub)."""
     # Imported on use: jax and orbax are slow to import.
     from llama_jax.convert.hf import HFReader
     from llama_jax.convert.meta import MetaReader
     from llama_jax.convert.orbax_ckpt import LoraRunReader, OrbaxReader, lora_run_base
     from llama_jax.lora import CONFIG_FILE as lora_run_file
 
-    path = Path(path)
+    path = resolve_checkpoint(path, revision)
     fmt = detect_format(path) if fmt == "auto" else fmt
     readers = {"meta": MetaReader, "hf": HFReader, "orbax": OrbaxReader}
     if fmt not in readers:
@@ -82,9 +86,11 @@ def open_checkpoint(path: str | os.PathLike, fmt: str = "auto", dtype: Any = Non
     return readers[fmt](path, _dtype(dtype))
 
 
-def load_checkpoint(path: str | os.PathLike, fmt: str = "auto", dtype: Any = None) -> Checkpoint:
+def load_checkpoint(
+    path: str | os.PathLike, fmt: str = "auto", dtype: Any = None, revision: str | None = None
+) -> Checkpoint:
     """Any checkpoint (Meta, HF or ours) as a canonical pytree of numpy arrays."""
-    return read_checkpoint(open_checkpoint(path, fmt, dtype))
+    return read_checkpoint(open_checkpoint(path, fmt, dtype, revision))
 
 
 def read_checkpoint(source: Source, dtype: Any = None) -> Checkpoint:
