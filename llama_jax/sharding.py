@@ -122,6 +122,13 @@ def build_mesh(plan: Plan, devices: list | None = None) -> Mesh:
         from jax.experimental import mesh_utils
 
         slices = math.prod(plan.dcn)
+        found = {getattr(d, "slice_index", None) for d in devices}
+        if None in found or len(found) != slices:
+            where = f"{len(found)} slice(s)" if None not in found else f"no slices ({devices[0].platform} devices)"
+            raise ShardingError(
+                f"plan {plan.name} spans {slices} slices over the data-centre network (dcn = {list(plan.dcn)}): "
+                f"it needs a multi-slice TPU pod of {slices} slices; these devices are in {where}"
+            )
         ici = _fill(plan.shape, len(devices) // slices, f"plan {plan.name}: per-slice mesh shape")
         arr = mesh_utils.create_hybrid_device_mesh(ici, plan.dcn, devices)
         return Mesh(arr, plan.axes, axis_types=types)

@@ -205,6 +205,16 @@ def test_bad_plans_are_clear_errors(tmp_path, plan_text, message):
         sharding.build_mesh(sharding.load_plan(str(path)))
 
 
+def test_multislice_plan_without_slices_is_one_error_line(tmp_path, capfd):
+    argv = ["score", "--checkpoint", str(tmp_path), "--input", "x", "--sharding", "v5p_multislice"]
+    assert infer.main(argv) == 2  # the mesh is built before the checkpoint is read
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: plan v5p_multislice spans 2 slices over the data-centre network (dcn = [2, 1, 1]): it needs a "
+        "multi-slice TPU pod of 2 slices; these devices are in no slices (cpu devices)"
+    ], err
+
+
 def test_indivisible_dimension_names_parameter_dimension_and_axis():
     # fsdp_tp's tensor axis is 4 on 8 devices; 6 kv heads do not divide by 4.
     cfg = CFG.replace(n_heads=12, n_kv_heads=6, head_dim=16)
