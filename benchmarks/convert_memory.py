@@ -5,6 +5,8 @@ time), runs conversions to each target format in subprocesses, and prints each r
 resident set size (the child's ru_maxrss from wait4) against the target of
 1 GB + a quarter of the checkpoint size. GB here means 1e9 bytes.
 
+The children run with torch and transformers hidden (tests/no_torch), as on a machine without them.
+
 A child's ru_maxrss also counts the parent's resident set at the fork (the kernel carries the
 old address space's high-water mark over exec), so this process stays small: the synthetic
 checkpoint is generated in a child as well.
@@ -37,6 +39,8 @@ from llama_jax.convert.layout import BY_KEY
 
 GB = 1e9
 BF16 = np.dtype(ml_dtypes.bfloat16)
+ROOT = Path(__file__).resolve().parents[1]
+NO_TORCH = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "no_torch"), str(ROOT)])}
 
 
 class RandomSource:
@@ -66,7 +70,9 @@ def dir_bytes(path: Path) -> int:
 def run(argv: list[str]) -> tuple[float, float]:
     """(peak RSS in bytes, seconds) of `llama-jax-convert argv` in a fresh process."""
     start = time.time()
-    child = subprocess.Popen([sys.executable, "-m", "llama_jax.convert", *argv], stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "llama_jax.convert", *argv], stdout=subprocess.DEVNULL, env=NO_TORCH
+    )
     _, status, usage = os.wait4(child.pid, 0)  # the rusage of this child alone
     if os.waitstatus_to_exitcode(status):
         raise SystemExit(f"llama-jax-convert {' '.join(argv)} failed with status {os.waitstatus_to_exitcode(status)}")
@@ -87,7 +93,8 @@ def main() -> None:
     try:
         hf = work / "hf"
         start = time.time()
-        subprocess.run([sys.executable, __file__, "--make", str(hf), "--layers", str(args.layers)], check=True)
+        make = [sys.executable, __file__, "--make", str(hf), "--layers", str(args.layers)]
+        subprocess.run(make, check=True, env=NO_TORCH)
         print(f"synthetic checkpoint: {dir_bytes(hf) / GB:.2f} GB in {time.time() - start:.0f} s", file=sys.stderr)
         # (source directory, target format, extra arguments); run i writes "{target}-{i}".
         runs = [
