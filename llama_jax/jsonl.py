@@ -38,4 +38,3 @@ def write_atomic(path: str | None, lines: list[str]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-

@@ -57,7 +57,5 @@ def fit_context(
         prompts = [p[-keep:] for p in prompts]
     longest = max(len(p) for p in prompts)
     if longest >= max_seq_len:
-        raise UserError(
-            f"a prompt of {longest} tokens does not fit the context of {max_seq_len} (use --truncate left)"
-        )
+        raise UserError(f"a prompt of {longest} tokens does not fit the context of {max_seq_len} (use --truncate left)")
     return prompts, min(max_new, max_seq_len - longest)

@@ -290,7 +290,9 @@ def test_auto_settings_follow_the_backend():
     cfg = get_preset("tiny")
     resolved = {b: build_model(cfg, backend=b) for b in ("cpu", "gpu", "tpu")}
     assert [(jnp.dtype(m.dtype).name, m.attention_impl) for m in resolved.values()] == [
-        ("float32", "xla"), ("bfloat16", "cudnn"), ("bfloat16", "splash")
+        ("float32", "xla"),
+        ("bfloat16", "cudnn"),
+        ("bfloat16", "splash"),
     ]
     assert build_model(cfg, "float32", backend="gpu").attention_impl == "xla"  # cuDNN takes 16-bit inputs
 
