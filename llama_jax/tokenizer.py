@@ -12,6 +12,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import sentencepiece as spm
@@ -57,6 +58,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def _special_id(self, name: str) -> int | None: ...
 
+    @property
+    @abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of every special token (control and unknown pieces, Llama 3's specials, a
+        tokenizer.json's added special tokens): those Hugging Face tokenizers match in input text
+        and drop when decoding with skip_special_tokens."""
+
 
 class SentencePieceTokenizer(Tokenizer):
     """Llama 1/2 `tokenizer.model`: a SentencePiece protobuf."""
@@ -80,6 +88,11 @@ class SentencePieceTokenizer(Tokenizer):
     def _special_id(self, name: str) -> int | None:
         token_id = self.sp.piece_to_id(name)
         return token_id if self.sp.id_to_piece(token_id) == name else None
+
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        ids = (i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i))
+        return {self.sp.id_to_piece(i): i for i in ids}
 
 
 LLAMA3_PATTERN = (
@@ -159,6 +172,10 @@ class TiktokenTokenizer(Tokenizer):
     def _special_id(self, name: str) -> int | None:
         return self.specials.get(name)
 
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self.specials)
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizer.json`; BOS/EOS/pad come from tokenizer_config.json or
@@ -202,6 +219,10 @@ class HFTokenizer(Tokenizer):
 
     def _special_id(self, name: str) -> int | None:
         return self.hf.token_to_id(name)
+
+    @cached_property
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
 
 
 def _hf_special_token_names(directory: Path) -> dict[str, str]:
