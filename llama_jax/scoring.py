@@ -39,3 +39,53 @@ def score(model: Llama, params: Params, sequences: Sequence[Sequence[int]], batc
         logp = to_host(_batch_logprobs(model, params, tokens, segments))
         out.extend(logp[i, : len(seq) - 1] for i, seq in enumerate(chunk))
     return out
+
+
+def target_logprobs(
+    model: Llama, params: Params, tokens: jax.Array, segment_ids: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """tokens [B, T], targets [B, K, T] -> float32 log P(targets[:, k, i] | tokens[:, :i+1]) and
+    whether each target is the argmax, both [B, K, T]: K alternative next tokens per position."""
+    logits, _ = model.apply({"params": params}, tokens, segment_ids=segment_ids)
+    logits = logits.astype(jnp.float32)
+    wanted = jnp.swapaxes(targets, 1, 2)  # [B, T, K]
+    logp = jnp.take_along_axis(logits, wanted, axis=-1) - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    greedy = jnp.argmax(logits, axis=-1)[..., None] == wanted
+    return jnp.swapaxes(logp, 1, 2), jnp.swapaxes(greedy, 1, 2)
+
+
+_target_logprobs = jax.jit(target_logprobs, static_argnums=0)
+
+
+def score_targets(
+    model: Llama,
+    params: Params,
+    inputs: Sequence[Sequence[int]],
+    targets: Sequence[np.ndarray],
+    batch_size: int = 8,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each input (the tokens fed to the model) and its targets, an int array [K, len(input)]
+    of K candidate next tokens after each prefix: (log-probabilities, is-argmax), both [K, len(input)].
+
+    One forward serves all K candidates (multiple-choice answers of one token share a row).
+    Inputs are right-padded (segment 0) to a bucketed length and run in batches."""
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    for start in range(0, len(inputs), batch_size):
+        chunk = inputs[start : start + batch_size]
+        wanted = targets[start : start + batch_size]
+        length = bucket(max(len(s) for s in chunk))
+        k = bucket(max(len(t) for t in wanted), minimum=1)
+        tokens = np.zeros((batch_size, length), np.int32)
+        segments = np.zeros((batch_size, length), np.int32)
+        target = np.zeros((batch_size, k, length), np.int32)
+        for i, (seq, t) in enumerate(zip(chunk, wanted, strict=True)):
+            if t.shape[1:] != (len(seq),):
+                raise ValueError(f"targets of shape {t.shape} for an input of {len(seq)} tokens")
+            tokens[i, : len(seq)] = seq
+            segments[i, : len(seq)] = 1
+            target[i, : len(t), : len(seq)] = t
+        logp, greedy = map(to_host, _target_logprobs(model, params, tokens, segments, target))
+        for i, t in enumerate(wanted):
+            k, n = t.shape
+            out.append((logp[i, :k, :n], greedy[i, :k, :n]))
+    return out
