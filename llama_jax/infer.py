@@ -203,6 +203,12 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     sampling(p)
     sample_best.add_arguments(p)
+
+    from llama_jax import evaluate
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks (mmlu, hellaswag, ...; local YAML tasks)")
+    common(p)
+    evaluate.add_arguments(p)
     return ap
 
 
