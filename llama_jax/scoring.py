@@ -45,12 +45,15 @@ def target_logprobs(
     model: Llama, params: Params, tokens: jax.Array, segment_ids: jax.Array, targets: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """tokens [B, T], targets [B, K, T] -> float32 log P(targets[:, k, i] | tokens[:, :i+1]) and
-    whether each target is the argmax, both [B, K, T]: K alternative next tokens per position."""
+    whether each target is the argmax, both [B, K, T]: K alternative next tokens per position.
+
+    "Argmax" is "no logit is larger" (a tie counts): XLA's CPU argmax over a large vocabulary
+    takes several times as long as a max."""
     logits, _ = model.apply({"params": params}, tokens, segment_ids=segment_ids)
     logits = logits.astype(jnp.float32)
-    wanted = jnp.swapaxes(targets, 1, 2)  # [B, T, K]
-    logp = jnp.take_along_axis(logits, wanted, axis=-1) - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    greedy = jnp.argmax(logits, axis=-1)[..., None] == wanted
+    picked = jnp.take_along_axis(logits, jnp.swapaxes(targets, 1, 2), axis=-1)  # [B, T, K]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    greedy = picked >= jnp.max(logits, axis=-1, keepdims=True)
     return jnp.swapaxes(logp, 1, 2), jnp.swapaxes(greedy, 1, 2)
 
 
