@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
     manager = TaskManager(include_path=args.include_path)  # before the model: a bad task name fails fast
     unknown = [t for t in tasks if not manager.match_tasks([t])]  # names or glob patterns
     if not tasks or unknown:
-        where = f" or in {args.include_path}" if args.include_path else " (add a directory of task YAML with --include-path)"
+        where = f" or in {args.include_path}" if args.include_path else " (--include-path adds a task YAML folder)"
         raise UserError(f"unknown lm-eval task(s): {', '.join(unknown) or '(none given)'}: not among lm-eval's{where}")
     lm = LlamaJaxLM(
         checkpoint=args.checkpoint,
