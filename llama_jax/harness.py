@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -129,6 +130,9 @@ class LlamaJaxLM(TemplateLM):
         max_batch_size: int | None = None,
     ):
         super().__init__()
+        # lm-eval bootstraps some metrics' stderr in forked processes: a fork of a running JAX
+        # process can deadlock; this makes it bootstrap in the process itself.
+        os.environ.setdefault("DISABLE_MULTIPROC", "1")
         path = checkpoint or pretrained
         if not path:
             raise UserError("the llama-jax backend needs checkpoint=DIR")
