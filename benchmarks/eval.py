@@ -121,7 +121,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--tasks", default="mc,ppl,gen")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmp:
+        run(args, Path(tmp))
 
+
+def run(args: argparse.Namespace, root: Path) -> None:
     import torch
     import transformers
 
@@ -129,7 +133,6 @@ def main() -> None:
     from llama_jax.harness import LlamaJaxLM
 
     rng = random.Random(0)
-    root = Path(tempfile.mkdtemp(prefix="bench-eval-"))
     (root / "hf").mkdir()
     (root / "tasks").mkdir()
     texts = python_sources(8 * 2**20)
