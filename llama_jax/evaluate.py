@@ -11,7 +11,7 @@ import sys
 import jax
 
 from llama_jax.errors import UserError
-from llama_jax.infer import write_atomic
+from llama_jax.jsonl import write_atomic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

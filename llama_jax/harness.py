@@ -39,7 +39,7 @@ from llama_jax import sharding
 from llama_jax.chat import encode_dialog
 from llama_jax.errors import UserError
 from llama_jax.generate import Sampling, stream
-from llama_jax.infer import load
+from llama_jax.load import load
 from llama_jax.scoring import score_targets
 from llama_jax.tokenizer import HFTokenizer, Tokenizer
 
@@ -118,7 +118,7 @@ class LlamaJaxLM(TemplateLM):
         self,
         checkpoint: str | None = None,
         pretrained: str | None = None,
-        dtype: str | None = None,
+        dtype: str = "auto",
         sharding: str = "single",
         tokenizer: str | None = None,
         batch_size: int | str = 8,

@@ -1,6 +1,7 @@
 """Every job on a machine without torch or transformers (tests/no_torch hides them): the default
 `train.py` (shortened), conversions run -> hf -> orbax -> meta (MP=2) -> orbax, and infer.py's
-generate (from the Meta files), score and chat. Each in its own process, as a user runs them."""
+generate (from the Meta files), score, chat and eval (lm-eval). Each in its own process, as a user
+runs them."""
 
 from __future__ import annotations
 
@@ -61,3 +62,20 @@ def test_every_job_runs_without_torch(tmp_path):
 
     chat = run("infer.py", "chat", "--checkpoint", str(src), *greedy, stdin="hello\n/exit\n")
     assert chat.stdout.startswith("> ") and chat.stdout.endswith("\n> ")  # prompt, streamed reply, prompt
+
+    # lm-eval and the llama-jax backend: a local rolling-perplexity task on the run directory
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": f"def f{i}(x):\n    return x + {i}\n"}) + "\n" for i in range(3))
+    )
+    (tasks / "ppl.yaml").write_text(
+        f"task: no_torch_ppl\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'docs.jsonl'}\n"
+        "test_split: test\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n"
+    )
+    results = tmp_path / "eval.json"
+    evaluate = ["eval", "--tasks", "no_torch_ppl", "--include-path", str(tasks), "--output", str(results)]
+    evaluated = run("infer.py", *evaluate, "--checkpoint", str(out))
+    assert "|no_torch_ppl|" in evaluated.stdout
+    assert json.loads(results.read_text())["results"]["no_torch_ppl"]["bits_per_byte,none"] > 0
