@@ -21,6 +21,7 @@ import numpy as np
 from llama_jax.attention import IMPLEMENTATIONS, attention
 from llama_jax.config import LlamaConfig
 from llama_jax.dtypes import parse_dtype
+from llama_jax.paged import PagedCache, paged_attention
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]  # k, v: [layers, batch, cache_len, kv_heads, head_dim]; segment_ids: [batch, cache_len]
@@ -121,17 +122,21 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads)
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
         v = nn.with_logical_constraint(v, kv_heads)
-        if layer_cache is not None:
-            at = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), at)
-            v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
-            layer_cache = {"k": k, "v": v}
-            k = nn.with_logical_constraint(k, ("batch", "cache_length", "kv_heads", "head_dim"))
-            v = nn.with_logical_constraint(v, ("batch", "cache_length", "kv_heads", "head_dim"))
-        # Without a cache the keys are this call's own tokens: queries sit at slots 0..T-1 (a static 0
-        # lets a fused kernel use its causal mask).
-        q_offset = 0 if layer_cache is None else cache_index
-        out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, q_offset, self.implementation)
+        if isinstance(cache_index, PagedCache):  # layer_cache is this layer's index into the page pools
+            out = paged_attention(q, k.astype(dt), v.astype(dt), cache_index, layer_cache, self.implementation)
+            layer_cache = {"k": k, "v": v}  # written into the pages after the last layer
+        else:
+            if layer_cache is not None:
+                at = (0, cache_index, 0, 0)
+                k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), at)
+                v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), at)
+                layer_cache = {"k": k, "v": v}
+                k = nn.with_logical_constraint(k, ("batch", "cache_length", "kv_heads", "head_dim"))
+                v = nn.with_logical_constraint(v, ("batch", "cache_length", "kv_heads", "head_dim"))
+            # Without a cache the keys are this call's own tokens: queries sit at slots 0..T-1 (a static 0
+            # lets a fused kernel use its causal mask).
+            q_offset = 0 if layer_cache is None else cache_index
+            out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, q_offset, self.implementation)
         out = nn.with_logical_constraint(out, heads)
         out = _dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
         return out, layer_cache
@@ -177,7 +182,10 @@ class Llama(nn.Module):
     positions: RoPE positions [B, T] (default: cache_index + arange(T)).
     segment_ids: [B, T] document ids for packed sequences; 0 marks padding (default: all 1).
     cache: from `init_cache`; the T new keys/values are written at slots
-      [cache_index, cache_index + T) and the updated cache is returned (else None).
+      [cache_index, cache_index + T) and the updated cache is returned (else None). Or a
+      `paged.PagedCache` (serving): tokens [1, N] are the new tokens of its rows, laid out as its
+      groups say, positions are required, and the updated pages are returned.
+    logits_at: [B, K] indices into T: logits (or hidden states) of those positions only.
     """
 
     cfg: LlamaConfig
@@ -196,7 +204,8 @@ class Llama(nn.Module):
         cache: Cache | None = None,
         cache_index: jax.Array | int = 0,
         return_hidden: bool = False,
-    ) -> tuple[jax.Array, Cache | None]:
+        logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | PagedCache | None]:
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         b, t = tokens.shape
         if positions is None:
@@ -215,7 +224,9 @@ class Llama(nn.Module):
         rope = rope_angles(c, positions)
 
         layer_cache, kv_segment_ids = None, segment_ids
-        if cache is not None:
+        if isinstance(cache, PagedCache):  # each layer reads its pages; all layers write them at the end
+            layer_cache, cache_index = jnp.arange(c.n_layers), cache
+        elif cache is not None:
             kv_segment_ids = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(cache["segment_ids"].dtype), (0, cache_index)
             )
@@ -238,8 +249,13 @@ class Llama(nn.Module):
         )(c, dt, pdt, self.attention_impl, name="layers")
         x, layer_cache = layers(x, layer_cache, rope, (segment_ids, kv_segment_ids), cache_index)
 
-        new_cache = None if cache is None else {**layer_cache, "segment_ids": kv_segment_ids}
+        if isinstance(cache, PagedCache):
+            new_cache = cache.write(layer_cache["k"], layer_cache["v"])
+        else:
+            new_cache = None if cache is None else {**layer_cache, "segment_ids": kv_segment_ids}
         x = RMSNorm(c.norm_eps, dt, pdt, name="norm")(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if return_hidden:
             return x, new_cache
         if c.tie_embeddings:
