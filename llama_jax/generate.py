@@ -49,19 +49,19 @@ class Completion:
     finish_reason: str  # "stop" (a stop token, not included in tokens) or "length"
 
 
-def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits: jax.Array, top_k: int | jax.Array, top_p: float | jax.Array) -> jax.Array:
     """Set to -inf every logit outside the top-k and outside Meta's top-p nucleus
-    (sorted descending, drop a token when the mass before it already exceeds top_p)."""
-    if top_k == 0 and top_p >= 1.0:
+    (sorted descending, drop a token when the mass before it already exceeds top_p).
+    top_k and top_p are numbers, or per-row arrays [B] (serving: each request its own)."""
+    static = isinstance(top_k, int) and isinstance(top_p, int | float)
+    if static and top_k == 0 and top_p >= 1.0:
         return logits
     order = jnp.argsort(-logits, axis=-1)
     sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
-    drop = jnp.zeros(logits.shape, bool)
-    if top_k > 0:
-        drop |= jnp.arange(logits.shape[-1]) >= top_k
-    if top_p < 1.0:
-        drop |= jnp.cumsum(probs, axis=-1) - probs > top_p
+    top_k, top_p = jnp.asarray(top_k)[..., None], jnp.asarray(top_p)[..., None]
+    drop = (top_k > 0) & (jnp.arange(logits.shape[-1]) >= top_k)
+    drop |= (top_p < 1.0) & (jnp.cumsum(probs, axis=-1) - probs > top_p)
     sorted_logits = jnp.where(drop, -jnp.inf, sorted_logits)
     inverse = jnp.argsort(order, axis=-1)
     return jnp.take_along_axis(sorted_logits, inverse, axis=-1)
@@ -69,13 +69,36 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def sample(logits: jax.Array, keys: jax.Array, sampling: Sampling) -> jax.Array:
     """logits [B, V], one key per row -> tokens [B]."""
-    logits = logits.astype(jnp.float32)
-    if 0 < sampling.vocab_limit < logits.shape[-1]:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.vocab_limit, logits, -jnp.inf)
+    logits = limit_vocab(logits.astype(jnp.float32), sampling.vocab_limit)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def sample_rows(
+    logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, vocab_limit: int
+) -> jax.Array:
+    """Like `sample`, with each row's own temperature, top_k and top_p [B] (0: greedy, as `sample`).
+    The sampling and the filters (sorts) run only when some row needs them."""
+    logits = limit_vocab(logits.astype(jnp.float32), vocab_limit)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled() -> jax.Array:
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        filtering = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
+        scaled = jax.lax.cond(filtering, lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
+        drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+
+
+def limit_vocab(logits: jax.Array, vocab_limit: int) -> jax.Array:
+    """-inf beyond the tokenizer's vocabulary (0: no limit) when the embedding is padded beyond it."""
+    if 0 < vocab_limit < logits.shape[-1]:
+        return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    return logits
 
 
 def row_seeds(prompts: Sequence[Sequence[int]], seed: int) -> np.ndarray:
