@@ -1,4 +1,4 @@
-"""`infer.py`: the command line of score, generate, chat and sample-best with any checkpoint kind."""
+"""`infer.py`: the command line of score, generate, chat, sample-best and serve with any checkpoint kind."""
 
 from __future__ import annotations
 
@@ -196,6 +196,13 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     sampling(p)
     p.set_defaults(func=cmd_chat)
+
+    from llama_jax.serving import server
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching over a paged KV cache")
+    common(p)
+    server.add_arguments(p)
+    p.set_defaults(func=server.cmd_serve)
 
     from llama_jax import sample_best
 

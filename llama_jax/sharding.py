@@ -204,3 +204,10 @@ def cache_shardings(plan: Plan, mesh: Mesh, cache_shapes: dict) -> dict:
     from llama_jax.model import CACHE_AXES
 
     return shardings(mesh, CACHE_AXES, plan.rules["cache"] + plan.rules["batch"], cache_shapes, "KV cache")
+
+
+def pool_sharding(plan: Plan, mesh: Mesh) -> NamedSharding:
+    """Sharding of the serving page pools (`paged.POOL_AXES`): kv heads as the [cache] rules say."""
+    from llama_jax.paged import POOL_AXES
+
+    return NamedSharding(mesh, _spec(POOL_AXES, plan.rules["cache"]))

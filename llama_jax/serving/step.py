@@ -1,0 +1,137 @@
+"""The engine step: one jitted function that runs the model over a step's rows (decoding rows
+and prefill chunks, as `paged.PageRows` groups), samples each row's next token with its own
+settings and key, and returns the updated page pools (donated, so updated in place).
+
+Shapes are bucketed so that serving compiles a handful of programs: decoding rows and prefill
+rows to powers of two (at least `min_rows` decoding rows), page tables to a power of two pages
+(at least `min_pages`) covering the longest row of the step. At most
+(log2(max_num_seqs / min_rows) + 1) x (log2(context pages / min_pages) + 1) x
+(log2(max_prefill_seqs) + 2) forward programs, and a sampling program per row count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.generate import bucket, limit_vocab, sample_rows
+from llama_jax.model import Llama, Params
+from llama_jax.paged import NULL_PAGE, PagedCache, PageRows
+from llama_jax.serving.scheduler import Plan
+
+TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's completions limit)
+
+
+@dataclass
+class StepInputs:
+    """Host arrays of one step; `rows` lists each row's sequence (None for padding rows)."""
+
+    tokens: np.ndarray  # [N] int32
+    positions: np.ndarray  # [N] int32
+    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]  # page_table, start, new, width
+    logits_at: np.ndarray  # [R]
+    seeds: np.ndarray  # [R] uint32
+    counts: np.ndarray  # [R] int32: index of the token being sampled
+    temperature: np.ndarray  # [R] float32
+    top_k: np.ndarray  # [R] int32
+    top_p: np.ndarray  # [R] float32
+    rows: list
+
+
+def build_inputs(plan: Plan, page_size: int, min_rows: int = 1, min_pages: int = 1) -> StepInputs:
+    """Lay out a plan's rows: the decoding group (width 1, always there: a step with prefill rows
+    only is the same program as one with decoding rows too), then the prefill group."""
+    groups = [([(s, s.computed, 1) for s in plan.decode], bucket(len(plan.decode), min_rows), 1)]
+    if plan.prefill:
+        groups.append(([(s, s.computed, n) for s, n in plan.prefill], bucket(len(plan.prefill), 1), plan.prefill_width))
+    longest = max(start + new for rows, _, _ in groups for _, start, new in rows)  # a plan has rows
+    pages = bucket(-(-longest // page_size), min_pages)
+    tokens, positions, built, rows, logits_at = [], [], [], [], []
+    for members, count, width in groups:
+        table = np.full((count, pages), NULL_PAGE, np.int32)
+        start, new = np.zeros(count, np.int32), np.zeros(count, np.int32)
+        for r in range(count):
+            seq, s0, n = members[r] if r < len(members) else (None, 0, 0)
+            if seq is not None:
+                own = seq.pages[:pages]
+                table[r, : len(own)] = own
+                start[r], new[r] = s0, n
+            tokens += [seq.token_at(s0 + t) if t < n else 0 for t in range(width)]
+            positions += range(s0, s0 + width)
+            logits_at.append(len(tokens) - width + max(n - 1, 0))
+            rows.append(seq)
+        built.append((table, start, new, width))
+    seeds = np.zeros(len(rows), np.uint32)
+    counts, top_k = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
+    temperature, top_p = np.zeros(len(rows), np.float32), np.ones(len(rows), np.float32)
+    for i, s in enumerate(rows):
+        if s is not None:
+            seeds[i], counts[i], top_k[i] = s.seed, len(s.tokens), s.top_k
+            temperature[i], top_p[i] = s.temperature, s.top_p
+    return StepInputs(
+        np.asarray(tokens, np.int32), np.asarray(positions, np.int32), built, np.asarray(logits_at, np.int32),
+        seeds, counts, temperature, top_k, top_p, rows,
+    )  # fmt: skip
+
+
+@partial(jax.jit, static_argnames="model", donate_argnames=("k", "v"))
+def forward_step(
+    model: Llama,
+    params: Params,
+    k: jax.Array,
+    v: jax.Array,
+    groups: tuple[PageRows, ...],
+    tokens: jax.Array,
+    positions: jax.Array,
+    logits_at: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The model over a step's rows -> (logits [R, vocab] of each row's last new token, k, v)."""
+    logits, cache = model.apply(
+        {"params": params},
+        tokens[None],
+        positions=positions[None],
+        cache=PagedCache(k, v, groups),
+        logits_at=logits_at[None],
+    )
+    return logits[0], cache.k, cache.v
+
+
+@partial(jax.jit, static_argnames="vocab_limit")
+def sample_step(
+    logits: jax.Array,
+    seeds: jax.Array,
+    counts: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    *,
+    vocab_limit: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """-> next token [R], its log-probability [R], the top log-probabilities and their ids
+    [R, TOP_LOGPROBS] (of the model's distribution, before temperature and filters). A separate
+    program from the forward, so that it compiles once per row count."""
+    logits = limit_vocab(logits.astype(jnp.float32), vocab_limit)
+    keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(seeds), counts)
+    nxt = sample_rows(logits, keys, temperature, top_k, top_p, vocab_limit)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top_values, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+    chosen = jnp.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0]
+    return nxt, chosen, top_values, top_ids
+
+
+def run_step(model: Llama, params: Params, k: jax.Array, v: jax.Array, inputs: StepInputs, vocab_limit: int):
+    """Run one step from host inputs; -> (host outputs, new k pool, new v pool)."""
+    groups = tuple(PageRows(jnp.asarray(t), jnp.asarray(s), jnp.asarray(n), w) for t, s, n, w in inputs.groups)
+    logits, k, v = forward_step(
+        model, params, k, v, groups,
+        jnp.asarray(inputs.tokens), jnp.asarray(inputs.positions), jnp.asarray(inputs.logits_at),
+    )  # fmt: skip
+    out = sample_step(
+        logits, jnp.asarray(inputs.seeds), jnp.asarray(inputs.counts), jnp.asarray(inputs.temperature),
+        jnp.asarray(inputs.top_k), jnp.asarray(inputs.top_p), vocab_limit=vocab_limit,
+    )  # fmt: skip
+    return jax.device_get(out), k, v
