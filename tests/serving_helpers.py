@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import uvicorn
 
 from llama_jax.config import LlamaConfig
 from llama_jax.convert import Checkpoint, save_checkpoint
@@ -19,6 +17,7 @@ from llama_jax.infer import load
 from llama_jax.model import init_params
 from llama_jax.serving.api import create_app
 from llama_jax.serving.engine import Engine, EngineConfig
+from llama_jax.serving.server import BackgroundServer
 from llama_jax.tokenizer import train_sentencepiece
 
 TEXT = "The quick brown fox jumps over the lazy dog 12345.\nPack my box with five dozen liquor jugs! é ü 日本\n" * 50
@@ -36,34 +35,14 @@ def make_checkpoint(root: Path, cfg: LlamaConfig, scale: float = 6.0) -> Path:
     return root / "model"
 
 
-class Server:
+class Server(BackgroundServer):
     """The app for a checkpoint on uvicorn in a thread; `engine` is the live engine."""
 
     def __init__(self, checkpoint: Path, config: EngineConfig, api_key: str | None = None, name: str = "tiny"):
         self.lm = load(str(checkpoint), need_tokenizer=True)
         self.engine = Engine(self.lm.model, self.lm.params, self.lm.tokenizer.vocab_size, config)
-        self.name, self.api_key = name, api_key
-        app = create_app(self.engine, self.lm.tokenizer, name, api_key)
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the server did not start")
-            time.sleep(0.05)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        self.api_key = api_key
+        super().__init__(create_app(self.engine, self.lm.tokenizer, name, api_key))
 
     def raw(self, method: str, path: str, body: bytes | str | dict | None = None, headers: dict | None = None):
         """(status, parsed JSON or text) of one raw HTTP request."""

@@ -9,6 +9,8 @@ import argparse
 import logging
 import math
 import signal
+import threading
+import time
 
 import jax
 
@@ -75,6 +77,35 @@ def num_pages(args: argparse.Namespace, cfg, dtype, plan, mesh) -> int:
     if pages < 2 + -(-cfg.max_seq_len // args.page_size) // 8:
         raise UserError(f"a KV cache budget of {budget / GIB:.2f} GiB holds only {pages} pages; raise --kv-memory")
     return pages
+
+
+class BackgroundServer:
+    """An app on uvicorn in a thread, on 127.0.0.1 and an ephemeral port unless told otherwise
+    (benchmarks and tests); stopped when the `with` block ends."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.05)
+        self.host, self.port = self.server.servers[0].sockets[0].getsockname()[:2]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
