@@ -13,7 +13,7 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.convert import Checkpoint, save_checkpoint
-from llama_jax.infer import load
+from llama_jax.load import load
 from llama_jax.model import init_params
 from llama_jax.serving.api import create_app
 from llama_jax.serving.engine import Engine, EngineConfig

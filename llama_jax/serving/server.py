@@ -111,7 +111,7 @@ class BackgroundServer:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from llama_jax.infer import load
+    from llama_jax.load import load
     from llama_jax.serving.api import create_app
 
     lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
