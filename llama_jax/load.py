@@ -11,7 +11,7 @@ import numpy as np
 from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import UserError
-from llama_jax.model import Llama, Params, build_model, param_shapes
+from llama_jax.model import Llama, Params, build_model, param_shapes, repeat_kv_heads
 from llama_jax.tokenizer import Tokenizer
 
 
@@ -39,7 +39,8 @@ def load(
 ) -> Loaded:
     """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta, a
     LoRA run), placed on the devices as the sharding plan says. dtype 'auto': float32 on CPUs,
-    bfloat16 on accelerators."""
+    bfloat16 on accelerators. When the plan splits kv heads over more devices than there are kv
+    heads, they are replicated (`cfg.n_kv_heads` is then the replicated count)."""
     import orbax.checkpoint as ocp
 
     from llama_jax.convert import open_checkpoint, read_checkpoint
@@ -50,8 +51,9 @@ def load(
     mesh = sharding.build_mesh(sharding_plan)
     source = open_checkpoint(checkpoint)  # validates config, names and shapes
     cfg, tokenizer_files = source.config, source.tokenizer_files
+    replicas = sharding.kv_head_replicas(sharding_plan, mesh, cfg)
     model = build_model(cfg, dtype)
-    placement = sharding.param_shardings(sharding_plan, mesh, cfg)
+    placement = sharding.param_shardings(sharding_plan, mesh, cfg, split_kv_heads=replicas == 1)
     if isinstance(source, OrbaxReader):  # restored straight into the target sharding: each host reads its shards
         target = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, model.dtype, sharding=sh), param_shapes(cfg), placement
@@ -60,6 +62,11 @@ def load(
     else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed
         host = read_checkpoint(source).params
         params = sharding.put(jax.tree.map(lambda a: np.asarray(a).astype(model.dtype), host), placement)
+    if replicas > 1:  # more devices split kv heads than there are: each device gets a copy of one
+        cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * replicas)
+        model = build_model(cfg, dtype)
+        target = sharding.param_shardings(sharding_plan, mesh, cfg)
+        params = jax.jit(lambda p: repeat_kv_heads(p, replicas), out_shardings=target)(params)
     tok = None
     where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
     if tokenizer or tokenizer_files or need_tokenizer:

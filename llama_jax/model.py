@@ -295,6 +295,15 @@ def param_logical_axes(cfg: LlamaConfig) -> Params:
     return nn.get_partition_spec(boxed)["params"]
 
 
+def repeat_kv_heads(params: Params, times: int) -> Params:
+    """Each kv head of wk and wv `times` times in a row ([..., kv_heads, head_dim] -> kv_heads *
+    times): the model with n_kv_heads * times computes the same function, since query head h
+    then uses copy h // (heads / (kv_heads * times)) of its own kv head h // (heads / kv_heads)."""
+    attention = params["layers"]["attention"]
+    repeated = {n: {"kernel": jnp.repeat(attention[n]["kernel"], times, axis=-2)} for n in ("wk", "wv")}
+    return {**params, "layers": {**params["layers"], "attention": {**attention, **repeated}}}
+
+
 def param_shapes(cfg: LlamaConfig, dtype: Any = jnp.float32) -> Params:
     """ShapeDtypeStructs of the canonical parameter pytree, without allocating it."""
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))

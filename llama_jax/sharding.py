@@ -162,10 +162,27 @@ def shardings(
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def param_shardings(plan: Plan, mesh: Mesh, cfg) -> dict:
+def param_shardings(plan: Plan, mesh: Mesh, cfg, split_kv_heads: bool = True) -> dict:
+    """Shardings of the parameters (checked to divide); with split_kv_heads False, wk and wv keep
+    their kv heads whole (to be replicated first, see kv_head_replicas)."""
     from llama_jax.model import param_logical_axes, param_shapes
 
-    return shardings(mesh, param_logical_axes(cfg), plan.rules["params"], param_shapes(cfg), "parameter")
+    rules = plan.rules["params"]
+    if not split_kv_heads:
+        rules = tuple((logical, axes) for logical, axes in rules if logical != "kv_heads")
+    return shardings(mesh, param_logical_axes(cfg), rules, param_shapes(cfg), "parameter")
+
+
+def kv_head_replicas(plan: Plan, mesh: Mesh, cfg) -> int:
+    """How many copies of each kv head the plan needs: when the mesh axes that split kv heads
+    outnumber them (tensor parallelism over 8 devices, 2 kv heads), each kv head is repeated so
+    that every device holds one, as vLLM and Meta's reshard_mp do; 1 otherwise."""
+    spec = _spec(("kv_heads",), plan.rules["params"])[0]
+    parts = math.prod(mesh.shape[n] for n in ((spec,) if isinstance(spec, str) else tuple(spec or ())))
+    kv = cfg.n_kv_heads
+    if parts > kv and parts % kv == 0 and cfg.n_heads % parts == 0:
+        return parts // kv
+    return 1
 
 
 def batch_sharding(plan: Plan, mesh: Mesh, shape: tuple[int, int]) -> NamedSharding:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -112,6 +113,66 @@ def test_tp_greedy_generation_equals_one_device(model_dir):
         outputs[plan] = [c.tokens for c in done]
     assert outputs["tp"] == outputs["single"]
     assert all(len(t) == 12 for t in outputs["tp"])
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(model_dir) -> Path:
+    """A model with 2 kv heads (8 query heads) beside the first, with its tokenizer."""
+    cfg = CFG.replace(n_kv_heads=2)
+    params = jax.tree.map(lambda x: np.asarray(x * 4 if x.ndim > 1 else x), init_params(cfg, jax.random.key(1)))
+    save_checkpoint(Checkpoint(cfg, params, [], "orbax"), model_dir / "gqa", "orbax")
+    (model_dir / "gqa" / "tokenizer.model").write_bytes((model_dir / "model" / "tokenizer.model").read_bytes())
+    return model_dir
+
+
+@pytest.mark.parametrize("plan,replicas", [("tp", 4), ("fsdp_tp", 2)])
+def test_kv_heads_are_replicated_over_a_larger_tensor_axis(gqa_dir, plan, replicas):
+    # 2 kv heads on a tensor axis of 8 (tp) or 4 (fsdp_tp): each device holds a copy of one.
+    lm = load(str(gqa_dir / "gqa"), plan=plan)
+    wk = lm.params["layers"]["attention"]["wk"]["kernel"]
+    assert lm.cfg.n_kv_heads == 2 * replicas and wk.shape[2] == 2 * replicas and wk.sharding.spec[2] == "tensor"
+    reference = score_with(gqa_dir, "single", "gqa-single", "gqa")
+    assert max_diff(score_with(gqa_dir, plan, f"gqa-{plan}", "gqa"), reference) <= 1e-5
+
+
+def test_tp_generation_and_serving_with_2_kv_heads_equal_one_device(gqa_dir):
+    from llama_jax.serving.engine import Engine, EngineConfig, Finish, Output
+    from llama_jax.serving.scheduler import Sequence
+
+    prompts = [[1, 5, 9, 22, 7], [1, 3], [1] + list(range(10, 40))]
+    outputs = {}
+    for plan in ("single", "tp"):
+        lm = load(str(gqa_dir / "gqa"), plan=plan)
+        greedy = Sampling(temperature=0, vocab_limit=lm.tokenizer.vocab_size)
+        with sharding.activate(lm.plan, lm.mesh):
+            done = generate(lm.model, lm.params, prompts, 12, greedy, batch_multiple=lm.batch_multiple)
+        outputs[plan] = [c.tokens for c in done]
+    assert outputs["tp"] == outputs["single"] and all(len(t) == 12 for t in outputs["tp"])
+    # The engine under tp: page pools split over the (replicated) kv heads.
+    config = EngineConfig(max_num_seqs=4, page_size=8, prefill_chunk=16, min_rows=4, min_pages=8)
+    engine = Engine(
+        lm.model, lm.params, lm.tokenizer.vocab_size, config, pool_sharding=sharding.pool_sharding(lm.plan, lm.mesh),
+        context=lambda: sharding.activate(lm.plan, lm.mesh),
+    )  # fmt: skip
+    assert engine.k.sharding.spec[3] == "tensor"
+    tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    finished = threading.Semaphore(0)
+
+    def collect(i: int):
+        def emit(event):
+            tokens[i].extend(getattr(event, "tokens", []))
+            if isinstance(event, Finish):
+                finished.release()
+
+        return emit
+
+    engine.start()
+    try:
+        engine.submit([Sequence(p, 12, owner=Output(lm.tokenizer, collect(i), 12)) for i, p in enumerate(prompts)])
+        assert all(finished.acquire(timeout=300) for _ in prompts)
+    finally:
+        engine.stop()
+    assert [tokens[i] for i in range(len(prompts))] == outputs["single"]
 
 
 def test_checkpoint_saved_under_fsdp_restores_under_tp_and_one_device(model_dir, reference):
