@@ -53,7 +53,9 @@ def attention(
     scores = einsum_f32("btkgd,bskd->bkgts", qg, k) * d**-0.5
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    # v as the left operand: the other order makes TPU layout assignment lay v out with the key
+    # axis minor, and it then relays out the whole paged KV cache that v's pages come from.
+    out = jnp.einsum("bskd,bkgts->btkgd", v, probs)
     return out.reshape(b, t, h, d)
 
 
