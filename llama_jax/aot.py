@@ -208,3 +208,68 @@ def compile_generate(
         ]
     print(f"model {preset} ({cfg.num_params / 1e9:.2f}B), {jnp.dtype(dt).name}, plan {plan.name} {dict(mesh.shape)}")
     print(format_report(rows))
+
+
+def compile_serve(
+    preset: str, topology_name: str, plan_name: str, dtype: str, config, kv_memory_gib: float | None
+) -> None:
+    """Compile the serving engine's step for a TPU topology (the decoding step with every slot
+    full and page tables as wide as the context, the step with prefill chunks beside it, and the
+    sampling step); print per-chip memory. config: a serving.engine.EngineConfig."""
+    from llama_jax.config import get_preset
+    from llama_jax.generate import bucket
+    from llama_jax.model import build_model, param_shapes
+    from llama_jax.paged import PageRows, pool_bytes_per_page, pool_shape
+    from llama_jax.serving.step import forward_step, sample_step
+
+    topology = parse_topology(topology_name)
+    cfg = get_preset(preset)
+    plan = sharding.load_plan(plan_name)
+    mesh = sharding.build_mesh(plan, topology_devices(topology))
+    cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * sharding.kv_head_replicas(plan, mesh, cfg))
+    model = build_model(cfg, dtype, backend="tpu")
+    dt = model.dtype
+    params = abstract(param_shapes(cfg, dt), sharding.param_shardings(plan, mesh, cfg))
+    pool = sharding.pool_sharding(plan, mesh)
+    shards = math.prod(mesh.shape[n] for a in pool.spec for n in ((a,) if isinstance(a, str) else a or ()))
+    pages_per_seq = -(-cfg.max_seq_len // config.page_size)
+    if kv_memory_gib is None:
+        num_pages = 1 + config.max_num_seqs * pages_per_seq
+    else:
+        num_pages = int(kv_memory_gib * 2**30 * shards // pool_bytes_per_page(cfg, config.page_size, dt))
+    k = v = jax.ShapeDtypeStruct(pool_shape(cfg, num_pages, config.page_size), dt, sharding=pool)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=replicated)  # noqa: E731
+    floats = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=replicated)  # noqa: E731
+    rows, table = bucket(config.max_num_seqs, config.min_rows), bucket(pages_per_seq, config.min_pages)
+    prefill_rows = config.max_prefill_seqs
+    width = config.prefill_chunk // prefill_rows
+    decode = PageRows(ints(rows, table), ints(rows), ints(rows), 1)
+    prefill = PageRows(ints(prefill_rows, table), ints(prefill_rows), ints(prefill_rows), width)
+    reports = []
+    with sharding.activate(plan, mesh):
+        for label, groups in [
+            (f"serve decode {rows} rows x {table} pages", (decode,)),
+            (f"serve decode {rows} + prefill {prefill_rows}x{width}", (decode, prefill)),
+        ]:
+            n = sum(g.tokens for g in groups)
+            r = sum(g.rows for g in groups)
+            args = (model, params, k, v, groups, ints(n), ints(n), ints(r))
+            reports.append(compile_report(label, forward_step, args, {}, topology))
+        r = rows + prefill_rows
+        logits = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.float32, sharding=replicated)
+        args = (
+            logits,
+            jax.ShapeDtypeStruct((r,), jnp.uint32, sharding=replicated),
+            ints(r),
+            floats(r),
+            ints(r),
+            floats(r),
+        )
+        reports.append(compile_report(f"sample {r} rows", sample_step, args, {"vocab_limit": cfg.vocab_size}, topology))
+    kv_gib = num_pages * pool_bytes_per_page(cfg, config.page_size, dt) / shards / 2**30
+    print(
+        f"model {preset} ({cfg.num_params / 1e9:.2f}B), {jnp.dtype(dt).name}, plan {plan.name} {dict(mesh.shape)}, "
+        f"{cfg.n_kv_heads} kv heads; KV cache {num_pages} pages of {config.page_size} tokens ({kv_gib:.2f} GiB/chip)"
+    )
+    print(format_report(reports))

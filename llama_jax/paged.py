@@ -23,9 +23,11 @@ from llama_jax.attention import attention
 
 NULL_PAGE = 0  # the page that padding writes to; never holds a sequence's tokens
 
-# Logical axes of the page pools [layers, pages, page_size, kv_heads, head_dim]: kv heads (and
+# Logical axes of the page pools [layers, kv_heads, pages, page_size, head_dim]: kv heads (and
 # head_dim, layers: never split in practice) follow the plan's [cache] rules; pages are shared.
-POOL_AXES = ("layers", None, None, "kv_heads", "head_dim")
+# A page of one kv head is a [page_size, head_dim] tile: TPUs tile the two minor dimensions, and
+# under tensor parallelism a chip often holds a single kv head.
+POOL_AXES = ("layers", "kv_heads", None, None, "head_dim")
 SLICES_PER_BLOCK = 32  # page reads per iteration of the loop over a group's rows
 
 
@@ -52,13 +54,13 @@ class PageRows:
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class PagedCache:
-    k: jax.Array  # [layers, num_pages, page_size, kv_heads, head_dim]
+    k: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
     v: jax.Array
     groups: tuple[PageRows, ...]  # the step's rows; their tokens are laid out group after group
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def write(self, k_new: jax.Array, v_new: jax.Array) -> PagedCache:
         """Store the step's new keys/values [layers, 1, N, kv_heads, head_dim] in their pages.
@@ -82,8 +84,9 @@ class PagedCache:
 
             def store(i, pools, page=page, slot=slot, source=source, span=span):
                 def one(pool, new):
-                    piece = jax.lax.dynamic_slice_in_dim(new[:, 0], source[i], span, axis=1)[:, None]
-                    return jax.lax.dynamic_update_slice(pool, piece.astype(pool.dtype), (0, page[i], slot[i], 0, 0))
+                    piece = jax.lax.dynamic_slice_in_dim(new[:, 0], source[i], span, axis=1)  # [L, span, KV, D]
+                    piece = piece.transpose(0, 2, 1, 3)[:, :, None].astype(pool.dtype)
+                    return jax.lax.dynamic_update_slice(pool, piece, (0, 0, page[i], slot[i], 0))
 
                 return one(pools[0], k_new), one(pools[1], v_new)
 
@@ -92,9 +95,13 @@ class PagedCache:
         return PagedCache(k, v, self.groups)
 
 
+def pool_shape(cfg: Any, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (cfg.n_layers, cfg.n_kv_heads, num_pages, page_size, cfg.head_dim)
+
+
 def init_pools(cfg: Any, num_pages: int, page_size: int, dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
     """Zeroed key and value pools for `num_pages` pages (page 0 included) of `page_size` tokens."""
-    shape = (cfg.n_layers, num_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+    shape = pool_shape(cfg, num_pages, page_size)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
@@ -130,17 +137,16 @@ def paged_attention(
 
 def _attend_rows(q, k, v, page_table, start, cache: PagedCache, layer, implementation: str) -> jax.Array:
     """A block of rows: q [B, W, H, D], their new k/v [B, W, KV, D], page ids [B, pages]."""
-    _, _, size, kv_heads, head_dim = cache.k.shape
+    _, kv_heads, _, size, head_dim = cache.k.shape
     rows, pages = page_table.shape
     cached = pages * size
 
     def read(pool: jax.Array) -> jax.Array:  # [B, cached, KV, D]
         one = lambda r, j: jax.lax.dynamic_slice(
-            pool, (layer, page_table[r, j], 0, 0, 0), (1, 1, size, kv_heads, head_dim)
+            pool, (layer, 0, page_table[r, j], 0, 0), (1, kv_heads, 1, size, head_dim)
         )
-        return jnp.stack([jnp.concatenate([one(r, j)[0, 0] for j in range(pages)]) for r in range(rows)]).astype(
-            k.dtype
-        )
+        rows_ = [jnp.concatenate([one(r, j)[0, :, 0] for j in range(pages)], axis=1) for r in range(rows)]
+        return jnp.stack(rows_).transpose(0, 2, 1, 3).astype(k.dtype)
 
     keys = jnp.concatenate([read(cache.k), k], axis=1)
     values = jnp.concatenate([read(cache.v), v], axis=1)

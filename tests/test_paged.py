@@ -9,7 +9,7 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, init_params, param_shapes
-from llama_jax.paged import PagedCache, PageRows, init_pools
+from llama_jax.paged import PagedCache, PageRows, init_pools, pool_bytes_per_page, pool_shape
 
 CFG = LlamaConfig(64, 2, 4, 2, vocab_size=256, ffn_dim=176, max_seq_len=128)
 PAGE = 8
@@ -76,7 +76,7 @@ def test_step_traffic_follows_live_tokens_not_capacity():
 
     def bytes_accessed(num_pages: int, pages_per_row: int, rows: int = 16, page: int = 16) -> float:
         sd = jax.ShapeDtypeStruct
-        pool = sd((cfg.n_layers, num_pages, page, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+        pool = sd(pool_shape(cfg, num_pages, page), jnp.float32)
         vec = sd((rows,), jnp.int32)
         groups = (PageRows(sd((rows, pages_per_row), jnp.int32), vec, vec, 1),)
         compiled = step.lower(param_shapes(cfg), pool, pool, groups, sd((1, rows), jnp.int32), sd((1, rows), jnp.int32))
@@ -85,6 +85,6 @@ def test_step_traffic_follows_live_tokens_not_capacity():
 
     small, large = bytes_accessed(64, 4), bytes_accessed(1024, 4)
     assert abs(large - small) <= 0.1 * small, (small, large)
-    pool_bytes = 2 * cfg.n_layers * 960 * 16 * cfg.n_kv_heads * cfg.head_dim * 4  # what 960 more pages hold
+    pool_bytes = 960 * pool_bytes_per_page(cfg, 16, jnp.float32)  # what 960 more pages hold
     assert large - small < 0.01 * pool_bytes
     assert bytes_accessed(1024, 16) > large  # more live tokens per row: more bytes

@@ -6,7 +6,13 @@ import asyncio
 import dataclasses
 import json
 import random
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import openai
 import pytest
@@ -17,6 +23,7 @@ from llama_jax.config import LlamaConfig, get_preset
 from llama_jax.serving import detokenizer
 from llama_jax.serving.engine import EngineConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 CFG = LlamaConfig(64, 2, 4, 2, vocab_size=320, ffn_dim=176, max_seq_len=128, family="llama2")
 # One decoding-row bucket and one page-table bucket: 4 forward programs to compile.
 ENGINE = EngineConfig(max_num_seqs=8, page_size=16, prefill_chunk=64, max_prefill_seqs=4, max_queue=64, min_rows=8,
@@ -282,3 +289,49 @@ def test_64_streaming_clients_mixed_lengths(tmp_path_factory, disconnect):
         assert finished == 64
         if disconnect:
             assert m['llama_jax_requests_finished_total{reason="cancelled"}'] >= 1
+
+
+def test_sigterm_drains_running_requests_then_exits_0(checkpoint):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, str(ROOT / "infer.py"), "serve", "--checkpoint", str(checkpoint), "--port", str(port),
+           "--max-num-seqs", "4", "--prefill-chunk", "64", "--drain-timeout", "120"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+                time.sleep(0.5)
+        stream = client.completions.create(
+            model=str(checkpoint), prompt="The quick", max_tokens=40, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        chunks = iter(stream)
+        first = next(chunks)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        with pytest.raises(openai.APIConnectionError):  # no longer accepting
+            client.models.list()
+        rest = list(chunks)  # the running request finishes
+        assert rest[-1].usage.completion_tokens == 40 and first.choices
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_compile_only_serve_step_for_a_tpu_topology(capsys):
+    argv = ["serve", "--compile-only", "--model", "tiny-llama3", "--topology", "v5e-8", "--sharding", "fsdp_tp",
+            "--max-num-seqs", "8", "--prefill-chunk", "64"]  # fmt: skip
+    assert infer.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| serve", "| sample"))]
+    assert len(rows) == 3 and all("| v5e:2x4 | 8 |" in r and "| yes |" in r for r in rows), out
+    assert "4 kv heads" in out  # 2 kv heads replicated over the tensor axis of 4

@@ -36,10 +36,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prefill-seqs", type=int, default=4, help="prompts prefilled together in a step")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before answering 429")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests after SIGTERM")
+    p.add_argument("--min-batch-bucket", type=int, default=8, help="decoding rows are padded to a power of two >= N")
+    p.add_argument("--min-page-bucket", type=int, default=4, help="page tables are padded to a power of two >= N")
+    p.add_argument("--compile-only", action="store_true", help="compile the engine step for --topology, print memory")
+    p.add_argument("--topology", default=None, help="TPU slice for --compile-only, e.g. v5e-8 or v6e-8")
+    p.add_argument("--model", default=None, help="model preset for --compile-only (no checkpoint needed)")
 
 
 def engine_config(args: argparse.Namespace, num_pages: int) -> EngineConfig:
-    for name in ("max_num_seqs", "page_size", "prefill_chunk", "max_prefill_seqs", "max_queue"):
+    names = ("max_num_seqs", "page_size", "prefill_chunk", "max_prefill_seqs", "max_queue", "min_batch_bucket",
+             "min_page_bucket")  # fmt: skip
+    for name in names:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.prefill_chunk % args.page_size:
@@ -51,6 +58,8 @@ def engine_config(args: argparse.Namespace, num_pages: int) -> EngineConfig:
         prefill_chunk=args.prefill_chunk,
         max_prefill_seqs=args.max_prefill_seqs,
         max_queue=args.max_queue,
+        min_rows=args.min_batch_bucket,
+        min_pages=args.min_page_bucket,
     )
 
 
@@ -109,6 +118,13 @@ class BackgroundServer:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    if args.compile_only:
+        from llama_jax import aot
+
+        if not args.model or not args.topology:
+            raise UserError("--compile-only needs --model PRESET and --topology (e.g. v5e-8)")
+        return aot.compile_serve(args.model, args.topology, args.sharding, args.dtype, engine_config(args, 0),
+                                 args.kv_memory)  # fmt: skip
     import uvicorn
 
     from llama_jax.load import load
