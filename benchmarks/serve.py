@@ -6,7 +6,8 @@ its longest output).
 Prompt and output lengths are drawn from seeded log-normal distributions (mixed lengths, as chat
 traffic has); prompts are random token ids, and every request generates exactly its output length
 (`ignore_eos`). The load generator is the `openai` client, streaming, at a fixed concurrency or a
-Poisson request rate. Both paths are warmed up on the same requests first (compilation), then timed.
+Poisson request rate, in a process of its own. Both paths are warmed up on the same requests first
+(compilation), then timed.
 
     python benchmarks/serve.py                                # CPU: tiny preset, random weights
     python benchmarks/serve.py --model llama3-8b --num-requests 256 --input-len 512 --output-len 512 \\
@@ -18,10 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,7 +101,13 @@ def run_static(
     return results, wall, f"{max(reserved) / page:.0f} pages reserved (max)"
 
 
-async def run_server(base_url: str, reqs: list[Request], concurrency: int, rate: float, temperature: float, seed: int):
+def run_load(base_url: str, reqs: list[Request], concurrency: int, rate: float, temperature: float, seed: int):
+    """The load generator, meant for a process of its own (as vLLM's benchmark is): the client's
+    parsing then does not share the server's interpreter lock."""
+    return asyncio.run(load(base_url, reqs, concurrency, rate, temperature, seed))
+
+
+async def load(base_url: str, reqs: list[Request], concurrency: int, rate: float, temperature: float, seed: int):
     import openai
 
     client = openai.AsyncOpenAI(base_url=base_url, api_key="benchmark", max_retries=0, timeout=3600)
@@ -206,8 +215,13 @@ def main() -> None:
                           min_rows=args.min_batch_bucket, min_pages=pages)  # fmt: skip
     engine = Engine(model, params, tok.vocab_size, config)
     used: list[int] = []
-    with BackgroundServer(create_app(engine, tok, "bench")) as server:
-        asyncio.run(run_server(server.base_url, reqs, args.concurrency, args.request_rate, args.temperature, args.seed))
+    load_args = (reqs, args.concurrency, args.request_rate, args.temperature, args.seed)
+    spawn = multiprocessing.get_context("spawn")
+    with (
+        BackgroundServer(create_app(engine, tok, "bench")) as server,
+        ProcessPoolExecutor(1, mp_context=spawn) as client,
+    ):
+        client.submit(run_load, server.base_url, *load_args).result()  # warm-up: compiles every bucket
         stop = threading.Event()
 
         def watch() -> None:
@@ -216,9 +230,7 @@ def main() -> None:
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
-        served, served_wall = asyncio.run(
-            run_server(server.base_url, reqs, args.concurrency, args.request_rate, args.temperature, args.seed)
-        )
+        served, served_wall = client.submit(run_load, server.base_url, *load_args).result()
         stop.set()
         watcher.join()
         stats = engine.stats()

@@ -5,6 +5,7 @@ cache, and every bad input's status code and OpenAI error object."""
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import signal
 import socket
@@ -291,13 +292,16 @@ def test_64_streaming_clients_mixed_lengths(tmp_path_factory, disconnect):
             assert m['llama_jax_requests_finished_total{reason="cancelled"}'] >= 1
 
 
-def test_sigterm_drains_running_requests_then_exits_0(checkpoint):
+def test_sigterm_drains_running_requests_then_exits_0_without_torch(checkpoint):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, str(ROOT / "infer.py"), "serve", "--checkpoint", str(checkpoint), "--port", str(port),
            "--max-num-seqs", "4", "--prefill-chunk", "64", "--drain-timeout", "120"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # As a user runs it: one CPU device, and torch and transformers hidden (tests/no_torch).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = f"{ROOT / 'tests' / 'no_torch'}{os.pathsep}{ROOT}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         deadline = time.monotonic() + 240
