@@ -154,7 +154,7 @@ def test_tp_generation_and_serving_with_2_kv_heads_equal_one_device(gqa_dir):
         lm.model, lm.params, lm.tokenizer.vocab_size, config, pool_sharding=sharding.pool_sharding(lm.plan, lm.mesh),
         context=lambda: sharding.activate(lm.plan, lm.mesh),
     )  # fmt: skip
-    assert engine.k.sharding.spec[3] == "tensor"
+    assert engine.k.sharding.spec[1] == "tensor"  # [layers, kv_heads, pages, page_size, head_dim]
     tokens: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     finished = threading.Semaphore(0)
 
