@@ -74,7 +74,9 @@ def test_greedy_equals_generate_whatever_the_concurrency_and_order(server, clien
         got: dict[int, object] = {}
 
         def one(i: int, got=got) -> None:
-            got[i] = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=20, temperature=0)
+            got[i] = client.completions.create(
+                model="tiny", prompt=PROMPTS[i], max_tokens=20, temperature=0, logprobs=0
+            )
 
         for start in range(0, len(order), concurrency):
             threads = [threading.Thread(target=one, args=(i,)) for i in order[start : start + concurrency]]
@@ -86,6 +88,7 @@ def test_greedy_equals_generate_whatever_the_concurrency_and_order(server, clien
             choice = got[i].choices[0]
             assert choice.text == r["completion"], (concurrency, i)
             assert got[i].usage.completion_tokens == len(r["completion_tokens"])
+            assert choice.logprobs.tokens == [server.lm.tokenizer.decode([t]) for t in r["completion_tokens"]]
             assert choice.finish_reason == r["finish_reason"]
 
 
