@@ -107,24 +107,28 @@ def documents_packer(
 
 def _example_batch(b: Batch, parts: int) -> Batch:
     """Packed example features -> a model batch: segment ids from the packer's example ids and the
-    part (chosen/rejected) within each example; positions restart at every sequence."""
+    part (chosen/rejected) within each example; positions restart at every sequence; a reward
+    pair's margin (float32) rides along."""
     example = b["tokens_segment_ids"]
     segment_ids = np.where(example > 0, parts * (example - 1) + b["part"], 0).astype(np.int32)
     keys = ("tokens", "targets", "positions", "loss_mask")
-    return {**{k: b[k].astype(np.int32) for k in keys}, "segment_ids": segment_ids}
+    margin = {"margin": b["margin"].astype(np.float32)} if "margin" in b else {}
+    return {**{k: b[k].astype(np.int32) for k in keys}, "segment_ids": segment_ids, **margin}
 
 
 def examples_packer(stage: str, seq_len: int) -> Pack:
-    """Tokenized SFT or DPO examples (llama_jax/examples.py) -> batches, each example packed whole."""
+    """Tokenized SFT, DPO or reward examples (llama_jax/examples.py) -> batches, each example
+    packed whole."""
+    features = (*EXAMPLE_FEATURES, "margin") if stage == "reward" else EXAMPLE_FEATURES
 
     def pack(examples: grain.MapDataset, rows: int, whole: bool) -> grain.IterDataset:
         ds = grain.experimental.FirstFitPackIterDataset(
             examples.to_iter_dataset(IN_MEMORY),
-            length_struct=dict.fromkeys(EXAMPLE_FEATURES, seq_len),
+            length_struct=dict.fromkeys(features, seq_len),
             num_packing_bins=rows,
             shuffle_bins=False,
         )
-        parts = 2 if stage == "dpo" else 1
+        parts = 2 if stage in ("dpo", "reward") else 1
         return ds.batch(rows, drop_remainder=whole).map(functools.partial(_example_batch, parts=parts))
 
     return pack

@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 
 FAMILIES = ("llama1", "llama2", "llama3")
+HEADS = ("lm", "score")  # next-token logits; one scalar per position (a reward or value model)
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,10 @@ class LlamaConfig:
     # (Llama 1/2: ParallelEmbedding over dim; Llama 3: VocabParallelEmbedding over vocab),
     # BOS handling and the chat format.
     family: str = "llama2"
+    # The output: "lm" projects to the vocabulary; "score" is a scalar head `score/kernel [dim, 1]`
+    # in its place (HF's LlamaForSequenceClassification, read at each sequence's last token).
+    head: str = "lm"
+    pad_id: int | None = None  # the token HF's sequence classifier pads with (never a sequence's last)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -59,6 +64,8 @@ class LlamaConfig:
             raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
         if self.family not in FAMILIES:
             raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.head not in HEADS:
+            raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
 
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
@@ -67,7 +74,7 @@ class LlamaConfig:
     def num_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         layer = attn + 3 * self.dim * self.ffn_dim + 2 * self.dim
-        head = 0 if self.tie_embeddings else self.dim * self.vocab_size
+        head = self.dim if self.head == "score" else 0 if self.tie_embeddings else self.dim * self.vocab_size
         return self.n_layers * layer + self.vocab_size * self.dim + head + self.dim
 
     # -- our own config.json ------------------------------------------------------------
@@ -139,6 +146,10 @@ def from_hf_config(d: dict) -> LlamaConfig:
     model_type = d.get("model_type", "llama")
     if model_type != "llama":
         raise ConfigError(f"config.json model_type is {model_type!r}, expected 'llama'")
+    head = "score" if SEQUENCE_CLASSIFIER in (d.get("architectures") or []) else "lm"
+    labels = len(d["id2label"]) if isinstance(d.get("id2label"), dict) else d.get("num_labels", 1)
+    if head == "score" and labels != 1:
+        raise ConfigError(f"a {SEQUENCE_CLASSIFIER} with {labels} labels is not a reward model (num_labels 1)")
     try:
         rope = d.get("rope_parameters") or {}
         rope_scaling = _rope_scaling_from(d.get("rope_scaling") or rope)
@@ -159,6 +170,8 @@ def from_hf_config(d: dict) -> LlamaConfig:
             max_seq_len=int(d.get("max_position_embeddings", 4096)),
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             family=_family(vocab, theta, rope_scaling is not None),
+            head=head,
+            pad_id=None if d.get("pad_token_id") is None else int(d["pad_token_id"]),
         )
     except KeyError as e:
         raise ConfigError(f"config.json is missing {e.args[0]!r}") from None
@@ -166,9 +179,12 @@ def from_hf_config(d: dict) -> LlamaConfig:
         raise ConfigError(f"malformed config.json: {e}") from None
 
 
+SEQUENCE_CLASSIFIER = "LlamaForSequenceClassification"
+
+
 def to_hf_config(cfg: LlamaConfig, torch_dtype: str) -> dict:
     d = {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [SEQUENCE_CLASSIFIER if cfg.head == "score" else "LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
@@ -197,6 +213,10 @@ def to_hf_config(cfg: LlamaConfig, torch_dtype: str) -> dict:
         d.update(bos_token_id=128000, eos_token_id=128001)
     else:
         d.update(bos_token_id=1, eos_token_id=2)
+    if cfg.pad_id is not None:
+        d["pad_token_id"] = cfg.pad_id
+    if cfg.head == "score":
+        d.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
     return d
 
 
@@ -312,7 +332,8 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int, weight_grads: bool = True, e
     forward, 2 x backward for the activations' gradients and 2 x for the weights' (LoRA skips those;
     its adapters are negligible), causal attention forward and twice that backward, and
     `extra_forwards` forward passes without gradients (DPO's reference)."""
-    matmul_params = cfg.num_params - cfg.vocab_size * cfg.dim * (0 if cfg.tie_embeddings else 1)
+    lookup_only = not cfg.tie_embeddings or cfg.head == "score"  # else the embedding is also the output matmul
+    matmul_params = cfg.num_params - cfg.vocab_size * cfg.dim * lookup_only
     attention = 2 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len  # 4 * L*H*hd*T / 2 (causal)
     forward = 2 * matmul_params + attention
     backward = (4 if weight_grads else 2) * matmul_params + 2 * attention

@@ -4,7 +4,9 @@ SFT: `{"messages": [{"role", "content"}, ...]}` in the tokenizer's chat format (
 the loss weight is 1 exactly on the assistant turns and the token closing each. DPO: `{"prompt":
 "..."}` or `{"messages": [..., user turn]}`, with "chosen" and "rejected" responses (a string, or
 a list of one assistant message); the weight marks the response tokens; a pair is one example,
-its chosen then its rejected sequence (`part` 1 and 2).
+its chosen then its rejected sequence (`part` 1 and 2). Reward: the same pairs with an optional
+"margin" (how strongly the chosen one is preferred); each sequence is the whole dialog, its tokens
+not shifted, `loss_mask` 1 on its last token (where the reward is read).
 
 Every example is read, tokenized and checked before a run writes anything, so bad data is reported
 with its file and line (or skipped and counted with --skip-bad-examples).
@@ -13,6 +15,7 @@ with its file and line (or skipped and counted with --skip-bad-examples).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,21 +73,49 @@ def _response(value: Any, name: str) -> str:
     return value
 
 
-def _dpo_example(obj: dict, tokenizer: Tokenizer) -> Example:
+def encode_response(tokenizer: Tokenizer, obj: dict, name: str) -> tuple[list[int], list[int]]:
+    """(ids, mask of the final answer) of the dialog of a line's "prompt" or "messages" answered by
+    its response `name`, laid out in the chat format: what DPO and the reward model train on."""
     if isinstance(obj.get("prompt"), str):
         messages = [{"role": "user", "content": obj["prompt"]}]
     elif "messages" in obj:
         messages = obj["messages"]
         check_dialog(messages, last="user")
     else:
+        raise BadExample(f"expected a 'prompt' string or a 'messages' list, with {name!r}")
+    answer = {"role": "assistant", "content": _response(obj.get(name), name)}
+    ids, mask = encode_dialog_with_mask(tokenizer, [*messages, answer])
+    start = len(mask) - next(i for i, m in enumerate(reversed(mask)) if not m)  # the final answer only
+    return ids, [0] * start + [1] * (len(mask) - start)
+
+
+def _pair(obj: dict, tokenizer: Tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(ids, mask of the final answer) of the chosen and the rejected dialog of a preference line."""
+    if not isinstance(obj.get("prompt"), str) and "messages" not in obj:
         raise BadExample("expected a 'prompt' string or a 'messages' list, with 'chosen' and 'rejected'")
-    halves = []
-    for part, name in enumerate(("chosen", "rejected"), 1):
-        answer = {"role": "assistant", "content": _response(obj.get(name), name)}
-        ids, mask = encode_dialog_with_mask(tokenizer, [*messages, answer])
-        start = len(mask) - next(i for i, m in enumerate(reversed(mask)) if not m)  # the final answer only
-        halves.append(_sequence(ids, [0] * start + [1] * (len(mask) - start), part))
+    return [encode_response(tokenizer, obj, name) for name in ("chosen", "rejected")]
+
+
+def _dpo_example(obj: dict, tokenizer: Tokenizer) -> Example:
+    halves = [_sequence(ids, mask, part) for part, (ids, mask) in enumerate(_pair(obj, tokenizer), 1)]
     return {k: np.concatenate([h[k] for h in halves]) for k in EXAMPLE_FEATURES}
+
+
+def _reward_example(obj: dict, tokenizer: Tokenizer) -> Example:
+    """A pair for the reward model: each whole dialog as its tokens (the score is read at the last
+    one, marked by loss_mask), and the pair's margin on every token."""
+    margin = obj.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin):
+        raise BadExample(f"'margin' must be a finite number, got {margin!r}")
+    halves = []
+    for part, (ids, _) in enumerate(_pair(obj, tokenizer), 1):
+        n = len(ids)
+        last = np.zeros(n, np.int32)
+        last[-1] = 1
+        tokens = np.asarray(ids, np.int32)
+        features = (tokens, tokens, last, np.arange(n, dtype=np.int32), np.full(n, part, np.int32))
+        halves.append({**dict(zip(EXAMPLE_FEATURES, features, strict=True)), "margin": np.full(n, margin, np.float32)})
+    return {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
 
 
 def read_examples(
@@ -92,7 +123,7 @@ def read_examples(
 ) -> tuple[list[Example], int, str]:
     """Tokenized examples of JSONL files; a bad one raises DataError naming its file and line,
     or with `skip_bad` is counted. Returns (examples, skipped, first skipped "file:line: why")."""
-    encode = {"sft": _sft_example, "dpo": _dpo_example}[stage]
+    encode = {"sft": _sft_example, "dpo": _dpo_example, "reward": _reward_example}[stage]
     examples, skipped, first = [], 0, ""
     for path in paths:
         with open(path, "rb") as f:

@@ -1,4 +1,4 @@
-"""`infer.py`: the command line of score, generate, chat, sample-best and serve with any checkpoint kind."""
+"""`infer.py`: the command line of score, reward, generate, chat, sample-best and serve with any checkpoint kind."""
 
 from __future__ import annotations
 
@@ -19,32 +19,44 @@ from llama_jax.generate import Sampling, generate, stream
 from llama_jax.jsonl import read_jsonl, write_atomic
 from llama_jax.load import Loaded, load
 from llama_jax.prompts import Prompt, encode_prompt, fit_context, read_prompts
-from llama_jax.scoring import score
+from llama_jax.scoring import rewards, score
 
 
 # -- score -----------------------------------------------------------------------------------
+def given_tokens(lm: Loaded, obj: dict, where: str) -> list[int]:
+    """A line's {"tokens": [...]}, checked against the vocabulary."""
+    toks = obj["tokens"]
+    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+        raise UserError(f"{where}: 'tokens' must be a list of integers")
+    bad = [t for t in toks if not 0 <= t < lm.cfg.vocab_size]
+    if bad:
+        raise UserError(f"{where}: token {bad[0]} is outside the vocabulary [0, {lm.cfg.vocab_size})")
+    return toks
+
+
+def check_length(lm: Loaded, toks: list[int], where: str) -> list[int]:
+    if not toks:
+        raise UserError(f"{where}: empty sequence")
+    if len(toks) > lm.cfg.max_seq_len:
+        raise UserError(f"{where}: {len(toks)} tokens exceed the context of {lm.cfg.max_seq_len}")
+    return toks
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding)
+    if lm.cfg.head != "lm":
+        raise UserError(f"{args.checkpoint} is a reward model: use infer.py reward")
     sequences = []
     for n, obj in read_jsonl(args.input):
         if "tokens" in obj:
-            toks = obj["tokens"]
-            if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
-                raise UserError(f"{args.input}:{n}: 'tokens' must be a list of integers")
-            bad = [t for t in toks if not 0 <= t < lm.cfg.vocab_size]
-            if bad:
-                raise UserError(f"{args.input}:{n}: token {bad[0]} is outside the vocabulary [0, {lm.cfg.vocab_size})")
+            toks = given_tokens(lm, obj, f"{args.input}:{n}")
         elif isinstance(obj.get("text"), str):
             if lm.tokenizer is None:
                 raise UserError(f"{args.input}:{n}: 'text' input needs a tokenizer; none found with the checkpoint")
             toks = lm.tokenizer.encode(obj["text"], bos=True)
         else:
             raise UserError(f"{args.input}:{n}: expected {{'tokens': [...]}} or {{'text': '...'}}")
-        if not toks:
-            raise UserError(f"{args.input}:{n}: empty sequence")
-        if len(toks) > lm.cfg.max_seq_len:
-            raise UserError(f"{args.input}:{n}: {len(toks)} tokens exceed the context of {lm.cfg.max_seq_len}")
-        sequences.append(toks)
+        sequences.append(check_length(lm, toks, f"{args.input}:{n}"))
     batch_size = -(-args.batch_size // lm.batch_multiple) * lm.batch_multiple
     with sharding.activate(lm.plan, lm.mesh):
         results = score(lm.model, lm.params, sequences, batch_size=batch_size) if sequences else []
@@ -52,6 +64,37 @@ def cmd_score(args: argparse.Namespace) -> None:
         json.dumps({"tokens": toks, "logprobs": lp.tolist(), "sum_logprob": float(np.sum(lp, dtype=np.float64))})
         for toks, lp in zip(sequences, results, strict=True)
     ]
+    if jax.process_index() == 0:
+        write_atomic(args.output, lines)
+
+
+# -- reward ----------------------------------------------------------------------------------
+def cmd_reward(args: argparse.Namespace) -> None:
+    from llama_jax.chat import ChatError
+    from llama_jax.examples import BadExample, encode_response
+
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding)
+    if lm.cfg.head != "score":
+        raise UserError(f"{args.checkpoint} is not a reward model (train one with train.py --stage reward)")
+    sequences = []
+    for n, obj in read_jsonl(args.input):
+        where = f"{args.input}:{n}"
+        if "tokens" in obj:
+            toks = given_tokens(lm, obj, where)
+        elif "response" in obj:
+            if lm.tokenizer is None:
+                raise UserError(f"{where}: a prompt and response need a tokenizer; none found with the checkpoint")
+            try:
+                toks = encode_response(lm.tokenizer, obj, "response")[0]
+            except (BadExample, ChatError) as e:
+                raise UserError(f"{where}: {e}") from None
+        else:
+            raise UserError(f"{where}: expected {{'prompt' or 'messages', 'response'}} or {{'tokens': [...]}}")
+        sequences.append(check_length(lm, toks, where))
+    batch_size = -(-args.batch_size // lm.batch_multiple) * lm.batch_multiple
+    with sharding.activate(lm.plan, lm.mesh):
+        values = rewards(lm.model, lm.params, sequences, batch_size=batch_size) if sequences else []
+    lines = [json.dumps({"reward": r, "tokens": toks}) for r, toks in zip(values, sequences, strict=True)]
     if jax.process_index() == 0:
         write_atomic(args.output, lines)
 
@@ -175,6 +218,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSONL output (default: stdout)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("reward", help="rewards of responses under a reward model")
+    common(p)
+    p.add_argument("--input", required=True, help='JSONL: {"prompt" or "messages", "response"} or {"tokens": [...]}')
+    p.add_argument("--output", default=None, help="JSONL output (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_reward)
 
     p = sub.add_parser("generate", help="complete prompts")
     common(p)

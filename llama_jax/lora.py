@@ -13,7 +13,9 @@ Training never forms that sum. `combine` puts each pair next to its kernel in th
 the kernel, and inside `intercept(...)` every `Linear` that finds them adds
 `scale * dropout(x) @ lora_a @ lora_b` to its output. So the frozen kernels never get a weight
 gradient, and the base weights need no second, merged copy. Export merges (`merge_kernel`): the
-converter reads a LoRA run (lora.json + checkpoints/<step>/adapters) as merged weights.
+converter reads a LoRA run (lora.json + checkpoints/<step>/adapters) as merged weights. A reward or
+value model's scalar head (`score/kernel`, new to the base) is trained whole and stored with the
+adapters.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ TARGETS = {
 }
 IN_AXES = {"wo": 2}  # kernel axes (after the layer axis) that the input contracts with; others: 1
 CONFIG_FILE = "lora.json"
+HEAD = "score/kernel"  # a reward or value model's scalar head: new, so trained whole beside the adapters
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,8 @@ def _split(cfg: LlamaConfig, target: str) -> tuple[tuple[int, ...], tuple[int, .
 
 
 def adapter_shapes(cfg: LlamaConfig, lcfg: LoraConfig) -> dict[str, tuple[int, ...]]:
-    """Flat path ("layers/attention/wq/lora_a") -> shape of every adapter."""
-    shapes = {}
+    """Flat path ("layers/attention/wq/lora_a") -> shape of every adapter (and of a score head)."""
+    shapes = {HEAD: (cfg.dim, 1)} if cfg.head == "score" else {}
     for target in lcfg.targets:
         ins, outs = _split(cfg, target)
         shapes[f"{TARGETS[target]}/lora_a"] = (cfg.n_layers, *ins, lcfg.rank)
@@ -100,10 +103,12 @@ def _nest(flat: dict[str, Any]) -> Params:
 
 
 def init_adapters(cfg: LlamaConfig, lcfg: LoraConfig, rng: jax.Array, dtype: Any = jnp.float32) -> Params:
-    """Fresh adapters: A uniform in +-1/sqrt(fan_in), B zero."""
+    """Fresh adapters: A uniform in +-1/sqrt(fan_in), B zero (a score head: normal, std 0.02)."""
     flat = {}
     for i, (path, shape) in enumerate(adapter_shapes(cfg, lcfg).items()):
-        if path.endswith("lora_b"):
+        if path == HEAD:
+            flat[path] = 0.02 * jax.random.normal(jax.random.fold_in(rng, i), shape, dtype)
+        elif path.endswith("lora_b"):
             flat[path] = jnp.zeros(shape, dtype)
         else:
             bound = 1 / math.sqrt(math.prod(shape[1:-1]))
@@ -123,7 +128,7 @@ def combine(base: Params, adapters: Params, dropout_rng: jax.Array | None = None
     next to its kernel, and with `dropout_rng` an independent dropout key per layer and target."""
     tree = _merge_trees(base, adapters)
     if dropout_rng is not None:
-        layers = jax.tree.leaves(adapters)[0].shape[0]
+        layers = jax.tree.leaves(adapters["layers"])[0].shape[0]
         for i, path in enumerate(TARGETS.values()):
             node = _get(tree, path)
             if node is not None and "lora_a" in node:
@@ -173,7 +178,7 @@ def merge_kernel(kernel: np.ndarray, lora_a: np.ndarray, lora_b: np.ndarray, sca
 def adapter_shardings(cfg: LlamaConfig, param_shardings: Params, lcfg: LoraConfig) -> Params:
     """Shardings of the adapters from the model's parameter shardings: A is split like its
     kernel's layer and input axes, B like its layer and output axes; the rank axis is whole."""
-    flat = {}
+    flat = {HEAD: _get(param_shardings, HEAD)} if cfg.head == "score" else {}
     for target in lcfg.targets:
         s = _get(param_shardings, TARGETS[target])["kernel"]
         ins, outs = _split(cfg, target)

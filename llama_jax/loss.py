@@ -1,4 +1,5 @@
-"""Losses: the fused linear + cross-entropy that never holds a batch's [B, T, vocab] logits, and DPO.
+"""Losses: the fused linear + cross-entropy that never holds a batch's [B, T, vocab] logits, DPO and
+the reward model's ranking loss.
 
 The output projection runs `chunk` positions at a time. `weighted_loss` (pre-training and SFT
 objectives) makes its gradient in the forward pass; `token_losses` gives per-token values for any
@@ -171,11 +172,9 @@ def dpo_loss(
     return -jax.nn.log_sigmoid(chosen - rejected), chosen, rejected
 
 
-def dpo_sums(
-    policy: jax.Array, reference: jax.Array, segment_ids: jax.Array, beta: float
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(DPO loss summed over the pairs of a packed batch, metric sums with the pair "count").
-    policy, reference: [B, T] log-probabilities of the targets, 0 off the responses."""
+def pair_sums(values: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(chosen, rejected, present) [B, T/2] of a packed batch of pairs (pair k of a row is segments
+    2k+1 and 2k+2): each sequence's sum of `values` [B, T], and 1 where the pair exists."""
     pairs = segment_ids.shape[1] // 2
 
     def chosen_rejected(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -183,7 +182,11 @@ def dpo_sums(
         return sums[:, 1::2][:, :pairs], sums[:, 2::2][:, :pairs]
 
     present = (chosen_rejected((segment_ids > 0).astype(jnp.float32))[0] > 0).astype(jnp.float32)
-    loss, chosen, rejected = dpo_loss(*chosen_rejected(policy), *chosen_rejected(reference), beta)
+    return *chosen_rejected(values), present
+
+
+def preference_sums(loss, chosen, rejected, present) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss summed over the present pairs, metric sums with the pair "count")."""
     margin = chosen - rejected
     sums = {
         "loss": jnp.sum(loss * present),
@@ -194,3 +197,30 @@ def dpo_sums(
         "count": jnp.sum(present),
     }
     return sums["loss"], sums
+
+
+def dpo_sums(
+    policy: jax.Array, reference: jax.Array, segment_ids: jax.Array, beta: float
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(DPO loss summed over the pairs of a packed batch, metric sums with the pair "count").
+    policy, reference: [B, T] log-probabilities of the targets, 0 off the responses."""
+    policy_chosen, policy_rejected, present = pair_sums(policy, segment_ids)
+    reference_chosen, reference_rejected, _ = pair_sums(reference, segment_ids)
+    loss, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+    return preference_sums(loss, chosen, rejected, present)
+
+
+def reward_loss(chosen: jax.Array, rejected: jax.Array, margin: jax.Array) -> jax.Array:
+    """Llama 2's binary ranking loss with a margin: -log sigmoid(r_chosen - r_rejected - margin)."""
+    return -jax.nn.log_sigmoid(chosen - rejected - margin)
+
+
+def reward_sums(
+    scores: jax.Array, last: jax.Array, margin: jax.Array, segment_ids: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(ranking loss summed over the pairs of a packed batch, metric sums with the pair "count").
+    scores [B, T] of the reward model, read where `last` (1 on each sequence's last token) is."""
+    last = last.astype(jnp.float32)
+    chosen, rejected, present = pair_sums(scores * last, segment_ids)
+    pair_margin = pair_sums(margin * last, segment_ids)[0]  # the chosen sequence's copy of it
+    return preference_sums(reward_loss(chosen, rejected, pair_margin), chosen, rejected, present)

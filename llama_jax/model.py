@@ -177,7 +177,8 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """tokens [B, T] -> (logits [B, T, vocab] or final hidden states [B, T, dim], cache).
+    """tokens [B, T] -> (logits [B, T, vocab] or final hidden states [B, T, dim], cache); with
+    `cfg.head == "score"`, a scalar per position [B, T] (float32) instead of logits.
 
     positions: RoPE positions [B, T] (default: cache_index + arange(T)).
     segment_ids: [B, T] document ids for packed sequences; 0 marks padding (default: all 1).
@@ -258,11 +259,30 @@ class Llama(nn.Module):
             x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if return_hidden:
             return x, new_cache
+        if c.head == "score":
+            return _score(x, dt, pdt), new_cache
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = _dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt)(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
+
+
+def _score(hidden: jax.Array, dtype: Any, param_dtype: Any) -> jax.Array:
+    """A reward or value model's scalars [B, T] (float32) from final hidden states: the
+    `score/kernel` [dim, 1] projection (no bias), as HF's LlamaForSequenceClassification."""
+    scores = _dense(1, 1, ("embed", "labels"), "score", dtype, param_dtype)(hidden)
+    return scores[..., 0].astype(jnp.float32)
+
+
+def with_head(params: Params, cfg: LlamaConfig, rng: jax.Array) -> Params:
+    """A checkpoint's parameters with the head `cfg` has: a score head absent from them is drawn
+    fresh (as the model initialises it), an output projection that `cfg` has none of is dropped."""
+    params = {k: v for k, v in params.items() if k != "output" or (cfg.head == "lm" and not cfg.tie_embeddings)}
+    if cfg.head == "score" and "score" not in params:
+        dtype = np.asarray(params["norm"]["scale"]).dtype
+        params["score"] = {"kernel": np.asarray(_init(rng, (cfg.dim, 1), jnp.float32)).astype(dtype)}
+    return params
 
 
 def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:

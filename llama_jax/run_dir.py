@@ -28,8 +28,9 @@ from llama_jax.convert.source import Source
 from llama_jax.documents import Corpus, document_lines, load_corpus
 from llama_jax.errors import UserError
 from llama_jax.examples import Examples, load_examples
+from llama_jax.model import with_head
 from llama_jax.step import TrainState, TrainStep, Tuning, init_state, shardings_of
-from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_sentencepiece
 from llama_jax.train_config import RESUME_FIXED, TrainConfig, load_toml
 
 TOKENIZER_LINES = 2_000_000  # lines of training text a tokenizer is trained on, at most
@@ -59,6 +60,12 @@ def prepare(cfg: TrainConfig) -> Run:
     model_cfg = init.config if init else get_preset(cfg.model)
     if tokenizer_src is None and init and init.tokenizer_files:
         tokenizer_src = init.tokenizer_files[0]
+    if cfg.stage == "reward" and model_cfg.head != "score":  # a fresh scalar head replaces the output layer
+        if tokenizer_src is None and tokenizer_in(out) is None:
+            raise UserError("--stage reward needs a chat tokenizer: --tokenizer, or --init-from a model with one")
+        model_cfg = model_cfg.replace(head="score", pad_id=classifier_pad_id(load_tokenizer(tokenizer_src or out)))
+    if cfg.stage != "reward" and model_cfg.head != "lm":
+        raise UserError(f"{cfg.init_from} is a reward model; --stage {cfg.stage} trains a language model")
     if cfg.seq_len > model_cfg.max_seq_len:
         raise UserError(f"seq-len {cfg.seq_len} exceeds the model's context of {model_cfg.max_seq_len}")
     batches.local_streams(cfg.data_streams, jax.process_index(), jax.process_count())
@@ -106,6 +113,18 @@ def prepare(cfg: TrainConfig) -> Run:
     print(f"configuration (saved to {out / 'train_config.toml'}):\n{cfg.to_toml()}", end="")
     hosts.barrier("run directory written")
     return Run(out, model_cfg, tokenizer_in(out), items, init)
+
+
+def classifier_pad_id(tokenizer: Tokenizer) -> int:
+    """The pad token of a reward model in HF's LlamaForSequenceClassification, which reads the score
+    at the last token that is not it: the tokenizer's pad token, else <unk>, else the last id; never
+    a token that ends a sequence."""
+    try:
+        unk = tokenizer.special("<unk>")
+    except TokenizerError:
+        unk = -1
+    ends = (*tokenizer.stop_ids, tokenizer.eos_id, tokenizer.bos_id)
+    return next(i for i in (tokenizer.pad_id, unk, tokenizer.vocab_size - 1) if i >= 0 and i not in ends)
 
 
 class Checkpoints:
@@ -174,6 +193,7 @@ def start_state(
     start_params = None  # the --init-from weights: where training starts, or the LoRA base / DPO reference
     if init and (not start or step.state.frozen is not None):
         start_params = read_checkpoint(init, np.float32 if tuning.lora is None else step.model.dtype).params
+        start_params = with_head(start_params, step.model.cfg, jax.random.fold_in(rng, 1))
     if start:
         state = checkpoints.restore(start, step.state, data_iter)
         print(f"resumed from the checkpoint at step {start}")
@@ -185,6 +205,9 @@ def start_state(
     else:
         init_fn = partial(init_state, step.model.cfg, step.optimizer, lora_cfg=tuning.lora)
         state = jax.jit(init_fn, out_shardings=sh.replace(frozen=None))(rng)
+        if tuning.lora is not None and "score" in state.params:  # the head of --init-from (or drawn for it)
+            head = jax.tree.map(lambda x: x.astype(np.float32), start_params["score"])
+            state = state.replace(params={**state.params, "score": sharding.put(head, sh.params["score"])})
     if sh.frozen is not None:  # the LoRA base as loaded; a DPO reference as a copy in the compute dtype
         fixed = start_params if tuning.lora else jax.tree.map(lambda x: x.astype(step.model.dtype), start_params)
         state = state.replace(frozen=sharding.put(tuning.frozen(fixed), sh.frozen))

@@ -2,31 +2,23 @@
 
 Each line of --prompts is `{"prompt": "..."}` or `{"messages": [..., user turn]}`. K completions
 are sampled in the model's chat format (each row has its own seed, so the K differ), each is
-scored by the user's reward function, and the best becomes one SFT example:
+scored, and the best becomes one SFT example:
 `{"messages": [...prompt messages, {"role": "assistant", "content": best}], "reward": r}`,
 which `train.py --stage sft` reads (extra keys are ignored).
 
---reward MODULE:FUNCTION names an importable module (the working directory is on the path) or a
-.py file, and a function called as FUNCTION(prompt, completion) -> float: `prompt` is the
-line's "prompt" string or "messages" list, `completion` the generated text. Completions cut off
-by --max-new-tokens are not candidates unless --keep-truncated; a prompt left without a
+The score is the user's --reward MODULE:FUNCTION (an importable module, the working directory on
+the path, or a .py file; see llama_jax/rewards.py), or a --reward-model: a checkpoint trained with
+`train.py --stage reward`, which scores each dialog in its own tokenizer's chat format. Completions
+cut off by --max-new-tokens are not candidates unless --keep-truncated; a prompt left without a
 candidate, or whose best reward is below --min-reward, is dropped and counted.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
-import math
-import os
 import sys
-from collections.abc import Callable
 from dataclasses import replace
-from numbers import Real
-from pathlib import Path
-from typing import Any
 
 import jax
 
@@ -36,16 +28,17 @@ from llama_jax.errors import UserError
 from llama_jax.generate import Completion, Sampling, generate
 from llama_jax.jsonl import write_atomic
 from llama_jax.load import load
-from llama_jax.prompts import fit_context, read_prompts
-
-Reward = Callable[[Any, str], float]
+from llama_jax.prompts import Prompt, fit_context, read_prompts
+from llama_jax.rewards import call_reward, load_reward, load_reward_model, score_dialogs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", required=True, help='JSONL: {"prompt": "..."} or {"messages": [...]} per line')
     p.add_argument("--num-samples", type=int, default=4, metavar="K", help="completions per prompt (default: 4)")
     reward_help = "FUNCTION(prompt, completion) -> float, in an importable MODULE or a FILE.py"
-    p.add_argument("--reward", required=True, metavar="MODULE:FUNCTION", help=reward_help)
+    ranker = p.add_mutually_exclusive_group(required=True)
+    ranker.add_argument("--reward", metavar="MODULE:FUNCTION", help=reward_help)
+    ranker.add_argument("--reward-model", metavar="CHECKPOINT", help="a reward model (train.py --stage reward)")
     p.add_argument("--output", default=None, help="SFT JSONL to write (default: stdout)")
     p.add_argument("--batch-size", type=int, default=32, help="completions generated together (default: 32)")
     p.add_argument("--min-reward", type=float, default=None, help="drop prompts whose best reward is lower")
@@ -53,55 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def load_reward(spec: str) -> Reward:
-    """The function named by MODULE:FUNCTION, MODULE importable or a path to a .py file."""
-    module_name, sep, name = spec.rpartition(":")
-    if not sep or not module_name or not name:
-        raise UserError(f"--reward must be MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
-    try:
-        if module_name.endswith(".py"):
-            if not Path(module_name).is_file():
-                raise UserError(f"--reward {spec}: no file {module_name}")
-            file_spec = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
-            module = importlib.util.module_from_spec(file_spec)
-            file_spec.loader.exec_module(module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(module_name)
-    except UserError:
-        raise
-    except Exception as e:  # anything the user's module raises while importing
-        raise UserError(f"--reward {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from None
-    function = getattr(module, name, None)
-    if not callable(function):
-        raise UserError(f"--reward {spec}: {module_name} has no function {name!r}")
-    return function
-
-
-def score(reward: Reward, prompt: Any, completion: str, where: str) -> float:
-    try:
-        value = reward(prompt, completion)
-    except Exception as e:
-        raise UserError(f"{where}: the reward function raised {type(e).__name__}: {e}") from None
-    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(value):
-        raise UserError(f"{where}: the reward function returned {value!r}, not a number")
-    return float(value)
-
-
-def best_of(
-    reward: Reward, prompt: Any, completions: list[str], finished: list[bool], where: str, keep_truncated: bool
-) -> tuple[float, str] | None:
-    """(reward, completion) of the best candidate (the first of equals), or None without one."""
-    candidates = [c for c, f in zip(completions, finished, strict=True) if f or keep_truncated]
-    scored = [(score(reward, prompt, c, where), c) for c in candidates]
-    return max(scored, key=lambda rc: rc[0]) if scored else None
-
-
 def run(args: argparse.Namespace) -> None:
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
-    reward = load_reward(args.reward)  # before the model: a bad --reward fails fast
+    reward = load_reward(args.reward) if args.reward else None  # before the model: a bad --reward fails fast
     prompts = read_prompts(args.prompts)
     if not prompts:
         raise UserError(f"{args.prompts} holds no prompts")
@@ -125,21 +73,39 @@ def run(args: argparse.Namespace) -> None:
             rows = [t for t in tokens[start : start + per_batch] for _ in range(k)]
             completions += generate(lm.model, lm.params, rows, max_new, **kw)
 
-    lines, dropped = [], 0
+    # The candidates: (prompt index, text) of every completion that may win.
+    texts = [lm.tokenizer.decode(c.tokens) for c in completions]
+    candidates = [
+        (i // k, text)
+        for i, (c, text) in enumerate(zip(completions, texts, strict=True))
+        if c.finish_reason == "stop" or args.keep_truncated
+    ]
+    del lm  # the reward model may need the memory
+    scores = rank(args, reward, prompts, candidates)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, text), value in zip(candidates, scores, strict=True):
+        if i not in best or value > best[i][0]:  # the first of equals
+            best[i] = (value, text)
+    lines = []
     for i, prompt in enumerate(prompts):
-        group = completions[i * k : (i + 1) * k]
-        texts = [lm.tokenizer.decode(c.tokens) for c in group]
-        finished = [c.finish_reason == "stop" for c in group]
-        best = best_of(reward, prompt.given, texts, finished, f"{args.prompts}:{prompt.line}", args.keep_truncated)
-        if best is None or (args.min_reward is not None and best[0] < args.min_reward):
-            dropped += 1
-            continue
-        answer = {"role": "assistant", "content": best[1]}
-        lines.append(json.dumps({"messages": [*prompt.dialog, answer], "reward": best[0]}))
+        if i in best and (args.min_reward is None or best[i][0] >= args.min_reward):
+            answer = {"role": "assistant", "content": best[i][1]}
+            lines.append(json.dumps({"messages": [*prompt.dialog, answer], "reward": best[i][0]}))
     if jax.process_index() == 0:
         write_atomic(args.output, lines)
         print(
-            f"sample-best: {len(lines)} of {len(prompts)} prompts written ({dropped} dropped: no finished completion "
-            f"or below --min-reward), {k} completions each",
+            f"sample-best: {len(lines)} of {len(prompts)} prompts written ({len(prompts) - len(lines)} dropped: no "
+            f"finished completion or below --min-reward), {k} completions each",
             file=sys.stderr,
         )
+
+
+def rank(args: argparse.Namespace, reward, prompts: list[Prompt], candidates: list[tuple[int, str]]) -> list[float]:
+    """The reward of each candidate (prompt index, completion text): the function's, or the reward model's."""
+    where = [f"{args.prompts}:{prompts[i].line}" for i, _ in candidates]
+    if reward is not None:
+        pairs = zip(candidates, where, strict=True)
+        return [call_reward(reward, prompts[i].given, text, at) for (i, text), at in pairs]
+    rm = load_reward_model(args.reward_model, args.dtype, args.sharding)
+    dialogs = [[*prompts[i].dialog, {"role": "assistant", "content": text}] for i, text in candidates]
+    return score_dialogs(rm, dialogs, where, args.batch_size)

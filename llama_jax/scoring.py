@@ -1,4 +1,4 @@
-"""Log-probabilities of given token sequences under the model."""
+"""Log-probabilities of given token sequences under a language model; rewards under a reward model."""
 
 from __future__ import annotations
 
@@ -23,6 +23,17 @@ def batch_logprobs(model: Llama, params: Params, tokens: jax.Array, segment_ids:
 _batch_logprobs = jax.jit(batch_logprobs, static_argnums=0)
 
 
+def right_padded(sequences: Sequence[Sequence[int]], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, segment ids) [rows, bucketed length]: the sequences right-padded with segment 0."""
+    length = bucket(max(len(s) for s in sequences))
+    tokens = np.zeros((rows, length), np.int32)
+    segments = np.zeros((rows, length), np.int32)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = seq
+        segments[i, : len(seq)] = 1
+    return tokens, segments
+
+
 def score(model: Llama, params: Params, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[np.ndarray]:
     """Per-sequence arrays of len(seq) - 1 next-token log-probabilities.
 
@@ -30,13 +41,7 @@ def score(model: Llama, params: Params, sequences: Sequence[Sequence[int]], batc
     out: list[np.ndarray] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        length = bucket(max(len(s) for s in chunk))
-        tokens = np.zeros((batch_size, length), np.int32)
-        segments = np.zeros((batch_size, length), np.int32)
-        for i, seq in enumerate(chunk):
-            tokens[i, : len(seq)] = seq
-            segments[i, : len(seq)] = 1
-        logp = to_host(_batch_logprobs(model, params, tokens, segments))
+        logp = to_host(_batch_logprobs(model, params, *right_padded(chunk, batch_size)))
         out.extend(logp[i, : len(seq) - 1] for i, seq in enumerate(chunk))
     return out
 
@@ -91,4 +96,27 @@ def score_targets(
         for i, t in enumerate(wanted):
             k, n = t.shape
             out.append((logp[i, :k, :n], greedy[i, :k, :n]))
+    return out
+
+
+def last_scores(
+    model: Llama, params: Params, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array | None = None
+) -> jax.Array:
+    """A reward model's score [B] (float32) of padded rows [B, T] (segment 0: padding; positions
+    from 0 at each row's first real token, by default the row's index), read at each row's last
+    real token."""
+    scores, _ = model.apply({"params": params}, tokens, positions=positions, segment_ids=segment_ids)
+    last = jnp.max(jnp.where(segment_ids > 0, jnp.arange(tokens.shape[1]), 0), axis=1)
+    return jnp.take_along_axis(scores, last[:, None], axis=1)[:, 0]
+
+
+_last_scores = jax.jit(last_scores, static_argnums=0)
+
+
+def rewards(model: Llama, params: Params, sequences: Sequence[Sequence[int]], batch_size: int = 8) -> list[float]:
+    """A reward model's score of each sequence, right-padded to a bucketed length in batches."""
+    out: list[float] = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        out.extend(to_host(_last_scores(model, params, *right_padded(chunk, batch_size)))[: len(chunk)].tolist())
     return out

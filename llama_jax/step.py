@@ -19,7 +19,7 @@ import optax
 
 from llama_jax import lora, sharding
 from llama_jax.config import LlamaConfig
-from llama_jax.loss import dpo_sums, output_kernel, token_losses, weighted_loss
+from llama_jax.loss import dpo_sums, output_kernel, reward_sums, token_losses, weighted_loss
 from llama_jax.model import Llama, Params, build_model, init_params, param_shapes
 from llama_jax.optim import lr_schedule, make_optimizer
 
@@ -29,6 +29,11 @@ if TYPE_CHECKING:
 Batch = dict[str, jax.Array]
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 Metrics = dict[str, jax.Array]
+
+
+def batch_dtypes(stage: str) -> dict[str, Any]:
+    """The arrays of a stage's batch and their dtypes: int32, and a reward pair's float32 margin."""
+    return dict.fromkeys(BATCH_KEYS, jnp.int32) | ({"margin": jnp.float32} if stage == "reward" else {})
 
 
 @dataclass(frozen=True)
@@ -99,12 +104,16 @@ def objective(
     rng: jax.Array | None,
 ) -> tuple[jax.Array, Metrics]:
     """The stage's objective summed over the batch, and metric sums with their "count" (of
-    tokens, or of DPO pairs): the targets' cross-entropy (pretrain, sft) or the DPO loss against
-    the frozen reference. With LoRA, `trained` are the adapters on the frozen base, and `rng`
-    (None: off) draws their dropout."""
+    tokens, or of pairs): the targets' cross-entropy (pretrain, sft), the DPO loss against the
+    frozen reference, or the reward model's ranking loss. With LoRA, `trained` are the adapters
+    on the frozen base (and a reward model's head), and `rng` (None: off) draws their dropout."""
     lcfg = tuning.lora
     params = trained if lcfg is None else lora.combine(frozen["base"], trained, rng if lcfg.dropout else None)
     with lora.intercept(lcfg):
+        if tuning.stage == "reward":
+            args = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
+            scores = model.apply({"params": params}, batch["tokens"], **args)[0]
+            return reward_sums(scores, batch["loss_mask"], batch["margin"], batch["segment_ids"])
         if tuning.stage != "dpo":
             total, (xent_sum, count) = loss_sums(model, params, batch, loss_chunk, z_loss)
             return total, {"loss": xent_sum, "count": count}
@@ -220,7 +229,8 @@ def build(cfg: TrainConfig, model_cfg: LlamaConfig, tuning: Tuning, devices: Seq
     mesh = sharding.build_mesh(plan, devices)
     state = state_layout(model_cfg, optimizer, tuning, plan, mesh, model.dtype)
     row = sharding.batch_sharding(plan, mesh, (cfg.batch_size, cfg.seq_len))
-    batch = {k: jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len), jnp.int32, sharding=row) for k in BATCH_KEYS}
+    shape = (cfg.batch_size, cfg.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=row) for k, dt in batch_dtypes(tuning.stage).items()}
     state_sh, batch_sh = shardings_of(state), shardings_of(batch)
     train_step = make_train_step(model, optimizer, schedule, cfg.grad_accum, cfg.loss_chunk, cfg.z_loss, tuning)
     run = jax.jit(train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)

@@ -27,7 +27,7 @@ from llama_jax.model import REMAT_POLICIES
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
 COMPUTE_DTYPES = ("auto", *(d for d in DTYPES if d != "float16"))  # float16 would need loss scaling
 ATTENTION = ("auto", *IMPLEMENTATIONS)
-STAGES = ("pretrain", "sft", "dpo")
+STAGES = ("pretrain", "sft", "dpo", "reward")
 LORA_TARGETS = tuple(TARGETS)
 # Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
 RESUME_FIXED = (
@@ -54,7 +54,10 @@ class TrainConfig:
     tokenizer: str = _opt("", "tokenizer file or directory; empty: train a SentencePiece BPE on the training data")
     out: str = _opt("runs/pretrain", "run directory; a run already there is resumed from its latest checkpoint")
     init_from: str = _opt("", "start from the weights of any checkpoint infer.py can load (sets the model)")
-    stage: str = _opt("pretrain", "pretrain on documents; sft on chat JSONL; dpo on preference JSONL", STAGES)
+    stage: str = _opt(
+        "pretrain", "pretrain on documents; sft on chat JSONL; dpo, or reward (a reward model), on preference JSONL",
+        STAGES,
+    )  # fmt: skip
     shuffle_window: int = _opt(1024, "packed rows shuffled together (a long document fills many rows)")
     data_streams: int = _opt(
         0,

@@ -1,4 +1,4 @@
-"""`train.py`: the training loop of every stage (pretrain, sft, dpo; LoRA or all weights).
+"""`train.py`: the training loop of every stage (pretrain, sft, dpo, reward; LoRA or all weights).
 
 prepare the run directory (llama_jax/run_dir.py), build the step (llama_jax/step.py), start or
 resume the state, then loop: a batch, a step, and on their schedules a metrics line, a held-out
@@ -101,7 +101,9 @@ def data_for(cfg: TrainConfig, run: run_dir.Run) -> tuple[batches.Streams, list[
         counts += f" ({items.skipped} bad ones skipped; the first: {items.first_skipped})"
     entropy = batches.unigram_entropy(eval_set, run.model_cfg.vocab_size)
     tokens = sum(int(b["loss_mask"].sum()) for b in eval_set)
-    print(f"{counts}; held-out unigram entropy {entropy:.3f} nats/token over {tokens} tokens")
+    if cfg.stage != "reward":  # a reward pair's targets are not next tokens
+        counts += f"; held-out unigram entropy {entropy:.3f} nats/token over {tokens} tokens"
+    print(counts)
     return data_iter, eval_set, entropy
 
 
@@ -164,17 +166,23 @@ def evaluate(cfg, step: TrainStep, state, eval_set: list, log: run_dir.MetricsLo
     count = max(totals.pop("count"), 1)
     means = {k: v / count for k, v in totals.items()}
     loss = means.pop("loss")
-    if cfg.stage == "dpo":
+    if cfg.stage in ("dpo", "reward"):
         log.write(n, {"eval_loss": loss, **{f"eval_{k}": v for k, v in means.items()}})
         accuracy, margin = means["reward_accuracy"], means["reward_margin"]
-        tqdm.write(f"step {n:6d} | held-out DPO loss {loss:.4f}, accuracy {accuracy:.3f}, margin {margin:.3f}")
+        tqdm.write(
+            f"step {n:6d} | held-out {cfg.stage} loss {loss:.4f}, accuracy {accuracy:.3f}, margin {margin:.3f} "
+            f"(chosen {means['chosen_reward']:.3f}, rejected {means['rejected_reward']:.3f})"
+        )
         return
     log.write(n, {"eval_loss": loss, "eval_ppl": math.exp(loss), "unigram_entropy": entropy})
     tqdm.write(f"step {n:6d} | held-out loss {loss:.4f} (ppl {math.exp(loss):.1f}, unigram {entropy:.3f})")
 
 
 def sample(cfg: TrainConfig, run: run_dir.Run) -> None:
-    """A sample from the run's last checkpoint, loaded as infer.py loads it; a chat reply after sft/dpo."""
+    """A sample from the run's last checkpoint, loaded as infer.py loads it; a chat reply after sft/dpo
+    (a reward model generates nothing)."""
+    if cfg.stage == "reward":
+        return
     lm = load(str(run.out), cfg.dtype, str(run.tokenizer), need_tokenizer=True)
     tokenizer = lm.tokenizer
     chat = cfg.stage != "pretrain"

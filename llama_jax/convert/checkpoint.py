@@ -135,6 +135,8 @@ def save_checkpoint(
     }
     if fmt not in writers:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt == "meta" and source.config.head != "lm":
+        raise ConvertError("Meta's format holds language models only; write a reward model --to hf or --to orbax")
     if model_parallel != 1 and fmt != "meta":
         raise ConvertError("--model-parallel only applies to --to meta")
     if dst.exists() and not overwrite and (not dst.is_dir() or any(dst.iterdir())):

@@ -100,6 +100,8 @@ def write_hf(source: Source, dst: Path, max_shard_bytes: int = 5 * 2**30, progre
         write_json(dst / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
     config = to_hf_config(cfg, source.dtype(EMBEDDING.key).name)
     write_json(dst / "config.json", config)
+    if cfg.head != "lm":  # a reward model generates nothing
+        return
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     # Meta's sampling defaults (see the reference sheet).
     write_json(dst / "generation_config.json", {**generation, "do_sample": True, "temperature": 0.6, "top_p": 0.9})

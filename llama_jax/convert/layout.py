@@ -43,6 +43,8 @@ class Tensor:
 EMBEDDING = Tensor("tok_embeddings/embedding", "model.embed_tokens.weight", "tok_embeddings.weight",
                    lambda c: (c.vocab_size, c.dim), n_in=0)  # fmt: skip
 OUTPUT = Tensor("output/kernel", "lm_head.weight", "output.weight", lambda c: (c.dim, c.vocab_size))
+# A reward or value model's scalar head (HF LlamaForSequenceClassification; Meta has none).
+SCORE = Tensor("score/kernel", "score.weight", "score.weight", lambda c: (c.dim, 1), meta_dim=None)
 _ATTN, _FFN, _L = "model.layers.{}.self_attn", "model.layers.{}.mlp", "layers.{}"
 TENSORS = (
     EMBEDDING,
@@ -66,13 +68,16 @@ TENSORS = (
            lambda c: (c.ffn_dim, c.dim), meta_dim=1),
     Tensor("norm/scale", "model.norm.weight", "norm.weight", lambda c: (c.dim,), n_in=0, meta_dim=None),
     OUTPUT,
+    SCORE,
 )  # fmt: skip
 BY_KEY = {t.key: t for t in TENSORS}
 
 
 def tensors(cfg: LlamaConfig) -> tuple[Tensor, ...]:
-    """The canonical leaves of a model (no output kernel when the embedding is tied)."""
-    return tuple(t for t in TENSORS if not (t is OUTPUT and cfg.tie_embeddings))
+    """The canonical leaves of a model: the output kernel unless the embedding is tied or the
+    head is a score; the score kernel for a score head."""
+    head = () if cfg.head == "lm" and cfg.tie_embeddings else (SCORE,) if cfg.head == "score" else (OUTPUT,)
+    return tuple(t for t in TENSORS if t not in (OUTPUT, SCORE) or t in head)
 
 
 def items(cfg: LlamaConfig, layer_major: bool = False) -> Iterator[tuple[Tensor, int | None]]:

@@ -130,7 +130,8 @@ class LoraRunReader(Reader):
     def __init__(self, path: Path, cast: np.dtype | None, lcfg: lora.LoraConfig, base: Source):
         super().__init__(path, load_config(path / "config.json", LlamaConfig.from_dict), cast)
         self.lora, self.base = lcfg, base
-        if self.base.config != self.config:
+        trunk = base.config.replace(head=self.config.head, pad_id=self.config.pad_id)  # a new head is trained
+        if trunk != self.config:
             raise ConvertError(f"the base checkpoint {base.path} is not the model of LoRA run {path}")
         arrays = _Arrays(_params_dir(path, "adapters"))
         self.adapters = {}
@@ -142,6 +143,8 @@ class LoraRunReader(Reader):
         self.merged = {f"{lora.TARGETS[t]}/kernel": lora.TARGETS[t] for t in self.lora.targets}
 
     def _read(self, key: str, layer: int | None) -> np.ndarray:
+        if key == lora.HEAD:  # trained whole, with the adapters; in the base's dtype
+            return self.adapters[key].astype(self._dtype(key))
         x = self.base.read(key, layer)
         if key not in self.merged:
             return x
@@ -151,7 +154,7 @@ class LoraRunReader(Reader):
         return lora.merge_kernel(x, a[layer], b[layer], self.lora.scale)
 
     def _dtype(self, key: str) -> np.dtype:
-        return self.base.dtype(key)
+        return self.base.dtype("norm/scale" if key == lora.HEAD else key)  # the base may have no head
 
 
 def write_orbax(source: Source, dst: Path, progress: bool = False) -> None:
