@@ -134,6 +134,11 @@ def examples_packer(stage: str, seq_len: int) -> Pack:
     return pack
 
 
+def prompts_packer() -> Pack:
+    """Prompts of an RL run (llama_jax/rl/prompts.py, each padded to one length) -> batches."""
+    return lambda prompts, rows, whole: prompts.to_iter_dataset(IN_MEMORY).batch(rows, drop_remainder=whole)
+
+
 def local_streams(streams: int, process_index: int, process_count: int) -> range:
     """The streams that process `process_index` of `process_count` runs: a contiguous block."""
     if streams % process_count:

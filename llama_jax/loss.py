@@ -96,6 +96,20 @@ def _token_losses_bwd(chunk, residuals, cotangents):
 token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
+def token_entropy(hidden: jax.Array, kernel: jax.Array, chunk: int) -> jax.Array:
+    """The entropy [B, T] (float32) of each position's next-token distribution, `chunk` positions
+    of logits at a time (a metric: not differentiated)."""
+    w = kernel.astype(hidden.dtype)
+
+    def one_chunk(_, h):
+        logits = jnp.einsum("bcd,dv->bcv", h, w, preferred_element_type=jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        return None, log_z - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+
+    _, entropy = jax.lax.scan(one_chunk, None, _chunks(jax.lax.stop_gradient(hidden), chunk))
+    return _unchunk(entropy, hidden.shape[1])
+
+
 def _weighted_sums(xent, log_z, weights, z_loss):
     xent_sum = jnp.sum(xent * weights)
     return xent_sum + z_loss * jnp.sum(log_z**2 * weights), xent_sum

@@ -1,4 +1,5 @@
-"""A training run's directory, and the state a run starts from.
+"""A training run's directory, the state a run starts from, and what every run does around its loop
+(checkpoints, metrics, a SIGTERM, the final sample).
 
 OUT holds config.json (the model's LlamaConfig), train_config.toml (the resolved training
 configuration), the tokenizer, metrics.jsonl, tensorboard/, lora.json for a LoRA run and
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -22,16 +24,20 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from llama_jax import batches, hosts, lora, sharding
+from llama_jax.chat import encode_dialog
 from llama_jax.config import LlamaConfig, get_preset
 from llama_jax.convert import open_checkpoint, read_checkpoint
 from llama_jax.convert.source import Source
 from llama_jax.documents import Corpus, document_lines, load_corpus
 from llama_jax.errors import UserError
 from llama_jax.examples import Examples, load_examples
+from llama_jax.generate import Sampling, generate
+from llama_jax.load import load
 from llama_jax.model import with_head
+from llama_jax.rl.prompts import PromptSet, load_prompt_set
 from llama_jax.step import TrainState, TrainStep, Tuning, init_state, shardings_of
 from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_sentencepiece
-from llama_jax.train_config import RESUME_FIXED, TrainConfig, load_toml
+from llama_jax.train_config import RESUME_FIXED, RL_STAGES, TrainConfig, load_toml
 
 TOKENIZER_LINES = 2_000_000  # lines of training text a tokenizer is trained on, at most
 
@@ -43,7 +49,7 @@ class Run:
     out: Path
     model_cfg: LlamaConfig
     tokenizer: Path  # the run's own copy
-    items: Corpus | Examples  # training and held-out documents (pretrain) or examples (sft, dpo)
+    items: Corpus | Examples | PromptSet  # documents (pretrain), examples (sft, dpo, reward), prompts (ppo, grpo)
     init: Source | None  # the --init-from checkpoint, opened once
 
 
@@ -89,10 +95,14 @@ def prepare(cfg: TrainConfig) -> Run:
     else:  # every example is read and checked before anything is written
         if tokenizer_src is None and saved is None:
             raise UserError(f"--stage {cfg.stage} needs a chat tokenizer: --tokenizer, or --init-from a model with one")
-        items = load_examples(
-            cfg.stage, cfg.data, cfg.eval_data, cfg.eval_fraction, load_tokenizer(tokenizer_src or saved),
-            cfg.seq_len, cfg.seed, cfg.skip_bad_examples,
-        )  # fmt: skip
+        tokenizer = load_tokenizer(tokenizer_src or saved)
+        if cfg.stage in RL_STAGES:
+            items = load_prompt_set(cfg.data, tokenizer, cfg.seq_len - cfg.max_new_tokens)
+        else:
+            items = load_examples(
+                cfg.stage, cfg.data, cfg.eval_data, cfg.eval_fraction, tokenizer, cfg.seq_len, cfg.seed,
+                cfg.skip_bad_examples,
+            )  # fmt: skip
 
     hosts.barrier("run directory checked")  # every process has read the run directory before it changes
     if jax.process_index() == 0:  # one process writes the run directory; the others then read it
@@ -127,13 +137,21 @@ def classifier_pad_id(tokenizer: Tokenizer) -> int:
     return next(i for i in (tokenizer.pad_id, unk, tokenizer.vocab_size - 1) if i >= 0 and i not in ends)
 
 
+class Diverged(RuntimeError):
+    """The loss or the gradient norm became NaN or infinite."""
+
+
 class Checkpoints:
     """The run's Orbax CheckpointManager. Saves are asynchronous and each is reported on stdout
     once complete; a step directory only appears complete (Orbax renames a temporary directory),
-    and temporary directories left by a killed save are deleted when the next run starts."""
+    and temporary directories left by a killed save are deleted when the next run starts.
 
-    def __init__(self, run_dir: Path, keep: int, item: str = "params"):
-        self.item = item  # what state.params is saved as: "params", or "adapters" (LoRA)
+    `item` names what state.params is saved as: "params", or "adapters" (LoRA). With `parts` (an
+    RL run), state.params is a dict and each of its parts is its own item: {"policy": "params",
+    "value": "value"}, so that the policy reads as any run's weights."""
+
+    def __init__(self, run_dir: Path, keep: int, item: str = "params", parts: dict[str, str] | None = None):
+        self.parts = parts or {"": item}  # key of state.params ("": all of it) -> item name
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True
         )
@@ -149,7 +167,7 @@ class Checkpoints:
         self.mngr.save(
             step,
             args=ocp.args.Composite(
-                **{self.item: ocp.args.StandardSave(state.params)},
+                **{item: ocp.args.StandardSave(self._part(state.params, key)) for key, item in self.parts.items()},
                 opt_state=ocp.args.StandardSave(state.opt_state),
                 # Every process's streams, serialised now: the iterators go on while Orbax writes.
                 data=ocp.args.JsonSave(hosts.gather_json(data_iter.get_state())),
@@ -159,16 +177,17 @@ class Checkpoints:
 
     def restore(self, step: int, abstract: TrainState, data_iter: batches.Streams) -> TrainState:
         """The train state of `step`; `data_iter`'s streams are moved to where they were then."""
-        restored = self.mngr.restore(
-            step,
-            args=ocp.args.Composite(
-                **{self.item: ocp.args.StandardRestore(abstract.params)},
-                opt_state=ocp.args.StandardRestore(abstract.opt_state),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
+        parts = {item: ocp.args.StandardRestore(self._part(abstract.params, key)) for key, item in self.parts.items()}
+        parts |= {"opt_state": ocp.args.StandardRestore(abstract.opt_state), "data": ocp.args.JsonRestore()}
+        restored = self.mngr.restore(step, args=ocp.args.Composite(**parts))
         data_iter.set_state(restored.data)
-        return TrainState(sharding.put(np.int32(step), abstract.step.sharding), restored[self.item], restored.opt_state)
+        params = {key: restored[item] for key, item in self.parts.items()}
+        params = params.get("", params)
+        return TrainState(sharding.put(np.int32(step), abstract.step.sharding), params, restored.opt_state)
+
+    @staticmethod
+    def _part(params, key: str):
+        return params if key == "" else params[key]
 
     def report(self, wait: bool) -> None:
         """Print "checkpoint saved: step N" once the pending save is complete (`wait`: block)."""
@@ -244,3 +263,36 @@ class MetricsLog:
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+class Preemption:
+    """Remembers a SIGTERM so the loop can save the current step and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def sample(cfg: TrainConfig, run: Run) -> None:
+    """A sample from the run's last checkpoint, loaded as infer.py loads it; a chat reply after sft/dpo
+    (a reward model generates nothing)."""
+    if cfg.stage == "reward":
+        return
+    lm = load(str(run.out), cfg.dtype, str(run.tokenizer), need_tokenizer=True)
+    tokenizer = lm.tokenizer
+    chat = cfg.stage != "pretrain"
+    prompt = tokenizer.encode(cfg.sample_prompt, bos=True)
+    if chat:
+        prompt = encode_dialog(tokenizer, [{"role": "user", "content": cfg.sample_prompt}])
+    sample_len = min(cfg.sample_tokens, run.model_cfg.max_seq_len - len(prompt))
+    completion = generate(lm.model, lm.params, [prompt], sample_len, Sampling(), tokenizer.stop_ids, cfg.seed)[0]
+    text = tokenizer.decode(prompt[1:] + completion.tokens)
+    if chat:
+        text = f"{cfg.sample_prompt}\n> {tokenizer.decode(completion.tokens)}"
+    print(f"sample from the checkpoint at step {cfg.steps}:\n{text}")

@@ -189,12 +189,20 @@ def state_layout(
     param_sh = sharding.param_shardings(plan, mesh, cfg)
     abstract = jax.eval_shape(partial(init_state, cfg, optimizer, lora_cfg=tuning.lora), jax.random.key(0))
     trained_sh = param_sh if tuning.lora is None else lora.adapter_shardings(cfg, param_sh, tuning.lora)
+    abstract = abstract.replace(frozen=tuning.frozen(param_shapes(cfg, frozen_dtype)))
+    return sharded_layout(abstract, trained_sh, tuning.frozen(param_sh), optimizer, mesh)
+
+
+def sharded_layout(
+    abstract: TrainState, trained_sh: Params, frozen_sh: Params | None, optimizer: optax.GradientTransformation, mesh
+) -> TrainState:
+    """The abstract state's ShapeDtypeStructs with shardings: the trained and frozen leaves as given,
+    the optimizer state like the leaves it belongs to (`optax.tree_map_params`; counts replicated)."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_sh = optax.tree_map_params(
         optimizer, lambda _, s: s, abstract.opt_state, trained_sh, transform_non_params=lambda _: replicated
     )
-    shardings = TrainState(replicated, trained_sh, opt_sh, tuning.frozen(param_sh))
-    abstract = abstract.replace(frozen=tuning.frozen(param_shapes(cfg, frozen_dtype)))
+    shardings = TrainState(replicated, trained_sh, opt_sh, frozen_sh)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 

@@ -27,7 +27,14 @@ from llama_jax.model import REMAT_POLICIES
 DATA_FORMATS = ("auto", "text", "jsonl", "parquet", "arrayrecord")
 COMPUTE_DTYPES = ("auto", *(d for d in DTYPES if d != "float16"))  # float16 would need loss scaling
 ATTENTION = ("auto", *IMPLEMENTATIONS)
-STAGES = ("pretrain", "sft", "dpo", "reward")
+STAGES = ("pretrain", "sft", "dpo", "reward", "ppo", "grpo")
+RL_STAGES = ("ppo", "grpo")
+# Llama 2's PPO settings (reference: the Llama 2 paper, section 3.2.3): a constant learning rate of
+# 1e-6, batches of 512 prompts, minibatches of 64 with one step each; the AdamW settings above stand.
+STAGE_DEFAULTS = {
+    stage: {"lr": 1e-6, "warmup_steps": 0, "min_lr_ratio": 1.0, "batch_size": 512, "minibatch_size": 64}
+    for stage in RL_STAGES
+}
 LORA_TARGETS = tuple(TARGETS)
 # Options a resumed run must keep: they decide the data order the checkpointed iterator is in.
 RESUME_FIXED = (
@@ -35,6 +42,7 @@ RESUME_FIXED = (
     "data_streams", "workers", "shuffle_window",
     # ... and what the checkpoints hold and are relative to.
     "stage", "init_from", "lora_rank", "lora_alpha", "lora_targets", "skip_bad_examples",
+    "reward_model", "reward", "value_from", "group_size", "max_new_tokens",
 )  # fmt: skip
 
 
@@ -73,8 +81,33 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "LoRA dropout on the adapters' inputs")
     lora_targets: tuple[str, ...] = _opt(LORA_TARGETS, "comma-separated projections that get LoRA adapters")
     skip_bad_examples: bool = _opt(False, "sft/dpo: skip and count bad examples instead of stopping at the first")
+    # Reinforcement learning (llama_jax/rl/): --data holds {"prompt"} or {"messages"} lines.
+    reward_model: str = _opt("", "ppo/grpo: the reward model, a checkpoint of train.py --stage reward (or HF's)")
+    reward: str = _opt("", "ppo/grpo: instead, a reward FUNCTION(prompt, completion) -> float in MODULE or FILE.py")
+    value_from: str = _opt(
+        "reward",
+        "ppo: the value model starts as the reward model, or as the policy with a fresh head",
+        ("reward", "policy"),
+    )
+    kl_beta: float = _opt(
+        0.01, "ppo/grpo: weight of the KL penalty to the reference (Llama 2: 0.01 at 7B/13B, 0.005 at 34B/70B)"
+    )
+    gamma: float = _opt(1.0, "ppo: discount of GAE")
+    lam: float = _opt(0.95, "ppo: lambda of GAE")
+    ppo_epochs: int = _opt(1, "ppo/grpo: passes over each batch of rollouts, a step per minibatch")
+    minibatch_size: int = _opt(8, "ppo/grpo: rollouts per optimizer step (Llama 2: 64 of 512)")
+    clip_ratio: float = _opt(0.2, "ppo/grpo: clip of the probability ratio in the surrogate objective")
+    clip_value: float = _opt(0.2, "ppo: clip of the value change in the value loss")
+    vf_coef: float = _opt(0.1, "ppo: weight of the value loss")
+    group_size: int = _opt(4, "grpo: completions per prompt; --batch-size counts completions")
+    max_new_tokens: int = _opt(32, "ppo/grpo: response tokens sampled per prompt; prompts get --seq-len minus these")
+    temperature: float = _opt(
+        1.0, "ppo/grpo: sampling temperature of the rollouts (also applied to their log-probabilities)"
+    )
+    top_p: float = _opt(1.0, "ppo/grpo: nucleus sampling of the rollouts (1: off)")
+    top_k: int = _opt(0, "ppo/grpo: top-k sampling of the rollouts (0: off)")
     # Steps and batch.
-    steps: int = _opt(300, "optimizer steps")
+    steps: int = _opt(300, "optimizer steps (ppo/grpo: iterations, each a batch of rollouts)")
     batch_size: int = _opt(8, "sequences per optimizer step (across all processes)")
     seq_len: int = _opt(128, "tokens per packed sequence")
     grad_accum: int = _opt(1, "micro-batches per step (the batch is split and gradients are summed)")
@@ -134,16 +167,20 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.data_streams < 0:
             raise ConfigError(f"data-streams must not be negative, got {self.data_streams}")
+        rows = self.batch_size // self.group_size if self.stage == "grpo" else self.batch_size  # prompts per batch
+        if self.stage == "grpo" and (self.group_size < 2 or self.batch_size % self.group_size):
+            raise ConfigError(f"grpo needs a group-size >= 2 dividing batch-size {self.batch_size}: {self.group_size}")
         if self.data_streams == 0:  # frozen: set the resolved default once, so it is saved and printed
-            object.__setattr__(self, "data_streams", math.gcd(self.batch_size, 8))
-        if self.batch_size % self.data_streams:
-            raise ConfigError(f"batch-size {self.batch_size} is not divisible by data-streams {self.data_streams}")
+            object.__setattr__(self, "data_streams", math.gcd(rows, 8))
+        if rows % self.data_streams:
+            raise ConfigError(f"batch-size {self.batch_size} is not divisible by data-streams {self.data_streams}"
+                              + (f" x group-size {self.group_size}" if self.stage == "grpo" else ""))
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch-size {self.batch_size} is not divisible by grad-accum {self.grad_accum}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.stage != "pretrain" and not self.data:
-            kind = "chat" if self.stage == "sft" else "preference"
+            kind = {"sft": "chat", "ppo": "prompt", "grpo": "prompt"}.get(self.stage, "preference")
             raise ConfigError(f"--stage {self.stage} needs --data: JSONL files of {kind} examples")
         if self.stage != "pretrain" and self.data_format not in ("auto", "jsonl"):
             raise ConfigError(f"--stage {self.stage} reads JSONL data, not --data-format {self.data_format}")
@@ -156,6 +193,24 @@ class TrainConfig:
             raise ConfigError(f"lora-targets must name some of {', '.join(LORA_TARGETS)}; got {self.lora_targets}")
         if not self.init_from:
             get_preset(self.model)
+        if self.stage in RL_STAGES:
+            self._check_rl()
+
+    def _check_rl(self) -> None:
+        if not self.init_from and not self.compile_only:
+            raise ConfigError(f"--stage {self.stage} needs --init-from: the policy to start from (an SFT model)")
+        if bool(self.reward_model) == bool(self.reward):
+            raise ConfigError(f"--stage {self.stage} needs one of --reward-model CHECKPOINT, --reward MODULE:FUNCTION")
+        if self.stage == "ppo" and self.value_from == "reward" and not self.reward_model:
+            raise ConfigError("--value-from reward needs --reward-model; with --reward pass --value-from policy")
+        if not 0 < self.max_new_tokens < self.seq_len:
+            raise ConfigError(f"max-new-tokens must be in [1, seq-len {self.seq_len}), got {self.max_new_tokens}")
+        if self.minibatch_size <= 0 or self.batch_size % self.minibatch_size:
+            raise ConfigError(f"minibatch-size {self.minibatch_size} must divide batch-size {self.batch_size}")
+        if self.ppo_epochs < 1 or self.kl_beta < 0 or not self.temperature > 0:
+            raise ConfigError("need ppo-epochs >= 1, kl-beta >= 0 and temperature > 0 (rollouts are sampled)")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip_ratio > 0 and self.clip_value > 0):
+            raise ConfigError("need gamma and lam in [0, 1], clip-ratio > 0 and clip-value > 0")
 
     def to_toml(self) -> str:
         """Flat TOML that `--config` reads back (JSON scalars, strings and arrays are valid TOML)."""
@@ -218,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> TrainConfig:
-    """Defaults, then the --config TOML, then the flags given on the command line."""
+    """Defaults (the stage's own, STAGE_DEFAULTS, over the common ones), then the --config TOML,
+    then the flags given on the command line."""
     args = vars(build_parser().parse_args(argv))
     args.pop("debug", None)
     values = load_toml(args.pop("config")) if "config" in args else {}
-    return TrainConfig(**{**values, **args})
+    stage = args.get("stage", values.get("stage", "pretrain"))
+    return TrainConfig(**{**STAGE_DEFAULTS.get(stage, {}), **values, **args})

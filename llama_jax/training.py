@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 import zlib
@@ -22,16 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from llama_jax import batches, hosts, run_dir, sharding
-from llama_jax.chat import encode_dialog
 from llama_jax.config import flops_per_token
-from llama_jax.generate import Sampling, generate
-from llama_jax.load import load
 from llama_jax.step import TrainStep, Tuning, build, shardings_of
-from llama_jax.train_config import TrainConfig, parse_args
-
-
-class Diverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite."""
+from llama_jax.train_config import RL_STAGES, TrainConfig, parse_args
 
 
 def train(cfg: TrainConfig) -> None:
@@ -47,7 +39,7 @@ def train(cfg: TrainConfig) -> None:
     with sharding.activate(step.plan, step.mesh):
         state, start = run_dir.start_state(step, tuning, checkpoints, data_iter, run.init, rng)
     eval_set = [hosts.global_batch(hosts.local_rows(b), batch_sh) for b in eval_set]  # the same in any process count
-    log, meter, preemption = run_dir.MetricsLog(run.out, start), Meter(cfg, step, tuning), Preemption()
+    log, meter, preemption = run_dir.MetricsLog(run.out, start), Meter(cfg, step, tuning), run_dir.Preemption()
     bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=None, dynamic_ncols=True)
     with sharding.activate(step.plan, step.mesh):
         try:
@@ -81,7 +73,7 @@ def train(cfg: TrainConfig) -> None:
             log.close()
             data_iter.close()
     if cfg.sample_tokens:
-        sample(cfg, run)
+        run_dir.sample(cfg, run)
 
 
 def data_for(cfg: TrainConfig, run: run_dir.Run) -> tuple[batches.Streams, list[batches.Batch], float]:
@@ -108,10 +100,10 @@ def data_for(cfg: TrainConfig, run: run_dir.Run) -> tuple[batches.Streams, list[
 
 
 def finite(metrics: dict[str, float], n: int, checkpoints: run_dir.Checkpoints) -> dict[str, float]:
-    """The step's metrics, or Diverged when the loss or the gradient norm is not finite."""
+    """The step's metrics; run_dir.Diverged when the loss or the gradient norm is not finite."""
     if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
         last = checkpoints.latest_step()
-        raise Diverged(
+        raise run_dir.Diverged(
             f"loss {metrics['loss']}, gradient norm {metrics['grad_norm']} at step {n}; "
             + (f"the last good checkpoint is step {last}" if last else "no checkpoint was saved")
         )
@@ -178,25 +170,6 @@ def evaluate(cfg, step: TrainStep, state, eval_set: list, log: run_dir.MetricsLo
     tqdm.write(f"step {n:6d} | held-out loss {loss:.4f} (ppl {math.exp(loss):.1f}, unigram {entropy:.3f})")
 
 
-def sample(cfg: TrainConfig, run: run_dir.Run) -> None:
-    """A sample from the run's last checkpoint, loaded as infer.py loads it; a chat reply after sft/dpo
-    (a reward model generates nothing)."""
-    if cfg.stage == "reward":
-        return
-    lm = load(str(run.out), cfg.dtype, str(run.tokenizer), need_tokenizer=True)
-    tokenizer = lm.tokenizer
-    chat = cfg.stage != "pretrain"
-    prompt = tokenizer.encode(cfg.sample_prompt, bos=True)
-    if chat:
-        prompt = encode_dialog(tokenizer, [{"role": "user", "content": cfg.sample_prompt}])
-    sample_len = min(cfg.sample_tokens, run.model_cfg.max_seq_len - len(prompt))
-    completion = generate(lm.model, lm.params, [prompt], sample_len, Sampling(), tokenizer.stop_ids, cfg.seed)[0]
-    text = tokenizer.decode(prompt[1:] + completion.tokens)
-    if chat:
-        text = f"{cfg.sample_prompt}\n> {tokenizer.decode(completion.tokens)}"
-    print(f"sample from the checkpoint at step {cfg.steps}:\n{text}")
-
-
 def matmul_flops_per_s(dtype: Any) -> float:
     """This device's square-matmul rate in FLOP/s: the median of five timings of ten back-to-back
     products of random matrices (queued without waiting, so dispatch overhead stays hidden)."""
@@ -210,20 +183,6 @@ def matmul_flops_per_s(dtype: Any) -> float:
         jax.block_until_ready([matmul(a, b) for _ in range(10)])
         times.append((time.perf_counter() - start) / 10)
     return 2 * n**3 / float(np.median(times))
-
-
-class Preemption:
-    """Remembers a SIGTERM so the loop can save the current step and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
 
 
 def main(argv: list[str]) -> int:
@@ -240,8 +199,13 @@ def main(argv: list[str]) -> int:
     if jax.process_index() != 0:  # one process speaks for the run
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     try:
-        train(cfg)
-    except Diverged as e:
+        if cfg.stage in RL_STAGES:
+            from llama_jax.rl.loop import train_rl
+
+            train_rl(cfg)
+        else:
+            train(cfg)
+    except run_dir.Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
