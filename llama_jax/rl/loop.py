@@ -81,8 +81,6 @@ def reward_inputs(cfg: TrainConfig) -> tuple[object | None, Source | None]:
     score head and the policy's tokenizer, since it scores the policy's tokens."""
     if cfg.reward:
         return load_reward(cfg.reward), None
-    if not Path(cfg.reward_model).is_dir():
-        raise UserError(f"--reward-model {cfg.reward_model} is not a directory")
     model = open_checkpoint(cfg.reward_model)
     if model.config.head != "score":
         raise UserError(f"--reward-model {cfg.reward_model} is not a reward model (train one with --stage reward)")
