@@ -1,4 +1,4 @@
-"""Score, generate and chat with a Llama checkpoint: `python infer.py {score,generate,chat} --help`."""
+"""Score, reward, generate and chat with a Llama checkpoint: `python infer.py {score,reward,generate,chat,sample-best} --help`."""
 
 import sys
 

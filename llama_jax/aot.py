@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llama_jax import sharding
 from llama_jax.errors import UserError
@@ -99,7 +101,7 @@ def compile_report(label: str, fn: Callable, args: tuple, kwargs: dict, topology
                           tflops_per_chip=nan, hbm_gb_accessed=nan)  # fmt: skip
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}  # none for a GPU compiled without a device
     total = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -147,6 +149,9 @@ def compile_train(cfg: TrainConfig) -> None:
     if not cfg.topology:
         raise UserError("--compile-only needs --topology (e.g. v5p-8, v5p-256 or v5p:2x2x1)")
     topology = parse_topology(cfg.topology)
+    if cfg.stage in ("ppo", "grpo"):
+        print(format_report(compile_rl(cfg, topology_devices(topology), topology)))
+        return
     model_cfg = open_checkpoint(cfg.init_from).config if cfg.init_from else get_preset(cfg.model)
     step = build(cfg, model_cfg, Tuning.from_config(cfg), topology_devices(topology))
     with sharding.activate(step.plan, step.mesh):
@@ -273,3 +278,56 @@ def compile_serve(
         f"{cfg.n_kv_heads} kv heads; KV cache {num_pages} pages of {config.page_size} tokens ({kv_gib:.2f} GiB/chip)"
     )
     print(format_report(reports))
+
+
+def compile_rl(cfg: TrainConfig, devices: list, target) -> list[dict]:
+    """Compile the programs of a PPO or GRPO iteration for `devices` (a TPU topology's, or a described
+    GPU's; `target` has the name, shape and hbm_bytes of a Topology): a rollout chunk's prefill and
+    decode loop (the policy, LoRA adapters applied), its scoring, and an optimizer step on a
+    minibatch. Prints the setup; returns a report row per program. Without --reward-model or
+    --reward the reward model is taken to be the policy's shape with a score head."""
+    from llama_jax import generate, lora
+    from llama_jax.config import get_preset
+    from llama_jax.convert import open_checkpoint
+    from llama_jax.model import init_cache
+    from llama_jax.rl.setup import build, policy_params
+
+    policy_cfg = open_checkpoint(cfg.init_from).config if cfg.init_from else get_preset(cfg.model)
+    reward_cfg = open_checkpoint(cfg.reward_model).config if cfg.reward_model else None
+    reward_cfg = reward_cfg or (None if cfg.reward else policy_cfg.replace(head="score", pad_id=0))
+    step = build(cfg, policy_cfg, reward_cfg, devices)
+    s, m, state, model = step.settings, step.rows, step.state, step.models.policy
+    rows = sharding.batch_sharding(step.plan, step.mesh, (m, s.prompt_len))
+    vec = lambda dtype: jax.ShapeDtypeStruct((m,), dtype, sharding=NamedSharding(step.mesh, P(rows.spec[0])))  # noqa: E731
+    cache_len, dt = s.prompt_len + s.max_new, model.dtype
+    cache = jax.eval_shape(lambda: init_cache(policy_cfg, m, cache_len, dt))
+    cache = abstract(cache, sharding.cache_shardings(step.plan, step.mesh, cache))
+    keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((m,), jnp.uint32)))
+    keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=vec(jnp.int32).sharding)
+    stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(step.mesh, P()))
+    tokens = jax.ShapeDtypeStruct((m, s.prompt_len), jnp.int32, sharding=rows)
+    params = policy_params(s, state.params, state.frozen)
+    chunk = {k: step.minibatch[k] for k in ("tokens", "positions", "segment_ids")}
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(step.mesh, P()))
+    micro = f" ({cfg.grad_accum} micro-batches)" if cfg.grad_accum > 1 else ""
+    programs = [  # label, function, arguments, static arguments
+        (f"rollout prefill {m}x{s.prompt_len}", generate.prefill,
+         (model, params, tokens, vec(jnp.int32), vec(jnp.uint32)),
+         dict(sampling=step.sampling, cache_len=cache_len, cache_dtype=dt)),
+        (f"rollout decode {m}x{s.max_new}", generate.decode,
+         (model, params, vec(jnp.int32), cache, vec(jnp.int32), keys, vec(jnp.bool_), stop_ids),
+         dict(sampling=step.sampling, max_new=s.max_new)),
+        (f"score {m}x{cfg.seq_len}", step.score, (state.params, state.frozen, chunk), {}),
+        (f"{s.stage} update {m}x{cfg.seq_len}{micro}", step.update, (state, step.minibatch, index), {}),
+    ]  # fmt: skip
+    with sharding.activate(step.plan, step.mesh), lora.intercept(s.lora):  # the policy samples with its adapters
+        reports = [compile_report(label, fn, args, kw, target) for label, fn, args, kw in programs]
+    lora_text = f"LoRA rank {s.lora.rank} (policy and value on frozen bases)" if s.lora else "all weights trained"
+    print(
+        f"{s.stage}: policy {cfg.model if not cfg.init_from else cfg.init_from} ({policy_cfg.num_params / 1e9:.2f}B), "
+        f"reward model {'a function' if reward_cfg is None else f'{reward_cfg.num_params / 1e9:.2f}B'}, {lora_text}; "
+        f"{cfg.batch_size} rollouts of {s.prompt_len} + {s.max_new} tokens, minibatch {m}, compute "
+        f"{jnp.dtype(dt).name}, remat {cfg.remat}, attention {model.attention_impl}, plan {step.plan.name} "
+        f"{dict(step.mesh.shape)}"
+    )
+    return reports

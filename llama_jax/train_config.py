@@ -110,7 +110,7 @@ class TrainConfig:
     steps: int = _opt(300, "optimizer steps (ppo/grpo: iterations, each a batch of rollouts)")
     batch_size: int = _opt(8, "sequences per optimizer step (across all processes)")
     seq_len: int = _opt(128, "tokens per packed sequence")
-    grad_accum: int = _opt(1, "micro-batches per step (the batch is split and gradients are summed)")
+    grad_accum: int = _opt(1, "micro-batches per step (the batch, or an RL minibatch, is split; gradients are summed)")
     seed: int = _opt(0, "seed for initialization, data order and the final sample")
     # Optimizer: AdamW, warmup + cosine (reference section 8; Llama: lr 3e-4 at 7B-8B, 2000 warmup steps).
     lr: float = _opt(2e-3, "peak learning rate")
@@ -179,7 +179,7 @@ class TrainConfig:
             raise ConfigError(f"batch-size {self.batch_size} is not divisible by grad-accum {self.grad_accum}")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.stage != "pretrain" and not self.data:
+        if self.stage != "pretrain" and not self.data and not self.compile_only:
             kind = {"sft": "chat", "ppo": "prompt", "grpo": "prompt"}.get(self.stage, "preference")
             raise ConfigError(f"--stage {self.stage} needs --data: JSONL files of {kind} examples")
         if self.stage != "pretrain" and self.data_format not in ("auto", "jsonl"):
@@ -199,14 +199,17 @@ class TrainConfig:
     def _check_rl(self) -> None:
         if not self.init_from and not self.compile_only:
             raise ConfigError(f"--stage {self.stage} needs --init-from: the policy to start from (an SFT model)")
-        if bool(self.reward_model) == bool(self.reward):
+        if bool(self.reward_model) == bool(self.reward) and not (self.compile_only and not self.reward):
             raise ConfigError(f"--stage {self.stage} needs one of --reward-model CHECKPOINT, --reward MODULE:FUNCTION")
-        if self.stage == "ppo" and self.value_from == "reward" and not self.reward_model:
+        if self.stage == "ppo" and self.value_from == "reward" and self.reward:
             raise ConfigError("--value-from reward needs --reward-model; with --reward pass --value-from policy")
         if not 0 < self.max_new_tokens < self.seq_len:
             raise ConfigError(f"max-new-tokens must be in [1, seq-len {self.seq_len}), got {self.max_new_tokens}")
-        if self.minibatch_size <= 0 or self.batch_size % self.minibatch_size:
-            raise ConfigError(f"minibatch-size {self.minibatch_size} must divide batch-size {self.batch_size}")
+        if self.minibatch_size <= 0 or self.batch_size % self.minibatch_size or self.minibatch_size % self.grad_accum:
+            raise ConfigError(
+                f"minibatch-size {self.minibatch_size} must divide batch-size {self.batch_size} and be divisible "
+                f"by grad-accum {self.grad_accum}"
+            )
         if self.ppo_epochs < 1 or self.kl_beta < 0 or not self.temperature > 0:
             raise ConfigError("need ppo-epochs >= 1, kl-beta >= 0 and temperature > 0 (rollouts are sampled)")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip_ratio > 0 and self.clip_value > 0):

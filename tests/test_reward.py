@@ -142,13 +142,22 @@ def infer_rewards(checkpoint, lines, tmp_path) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def trained(files, tmp_path_factory):
+    """A reward model trained on all weights: (its run directory, its metrics lines)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    return run, reward_run(files, run)
+
+
 @pytest.mark.parametrize("lora", [False, True])
-def test_reward_model_ranks_held_out_pairs_and_exports_to_hf(files, tmp_path, lora):
+def test_reward_model_ranks_held_out_pairs_and_exports_to_hf(files, trained, tmp_path, lora):
     """From an HF causal LM (its output layer replaced by a fresh scalar head), 25 steps reach
     >= 95% held-out accuracy; the run exports as LlamaForSequenceClassification, whose rewards
     equal infer.py reward's within 1e-4 (float32); LoRA trains the adapters and the head."""
-    run = tmp_path / "run"
-    metrics = reward_run(files, run, *(["--lora-rank", "8", "--lr", "3e-3"] if lora else []))
+    run, metrics = trained
+    if lora:
+        run = tmp_path / "run"
+        metrics = reward_run(files, run, "--lora-rank", "8", "--lr", "3e-3")
     final = metrics[-1]
     assert final["eval_reward_accuracy"] >= 0.95, final
     assert final["eval_chosen_reward"] > final["eval_rejected_reward"]
@@ -197,11 +206,10 @@ def test_an_hf_reward_model_converts_in(files, tmp_path, make_hf_llama):
                                atol=1e-4, rtol=0)  # fmt: skip
 
 
-def test_sample_best_ranks_with_a_reward_model(files, tmp_path):
+def test_sample_best_ranks_with_a_reward_model(files, trained, tmp_path):
     """sample-best --reward-model: of the K completions (generated again here, as sample-best does),
     the one kept is the one the reward model (read through infer.py reward) scores highest."""
-    rm = tmp_path / "rm"
-    reward_run(files, rm, "--steps", "10")
+    rm = trained[0]
     given = [{"prompt": "Tell me about stone."}, {"prompt": "Hi."}]
     out = tmp_path / "best.jsonl"
     argv = ["sample-best", "--checkpoint", files["hf"], "--prompts", write_jsonl(tmp_path / "prompts.jsonl", given),

@@ -112,6 +112,7 @@ def test_rl_raises_the_reward_and_beta_holds_the_policy_to_the_reference(files, 
     assert g[1]["kl"] == 0 and np.mean([g[s]["reward"] for s in (10, 11, 12)]) > 5 * g[1]["reward"] + 1
     assert {"reward_std", "clip_fraction", "kl_estimate", "entropy"} <= set(g[1])
     assert plot(*(tmp_path / f"ppo-beta-{b}" for b in runs), out=tmp_path / "beta.png").is_file()
+    assert load_checkpoint(tmp_path / "ppo-beta-1").config == load_checkpoint(files["sft"]).config  # the policy
     assert plot(grpo).name == "rl.png"
 
 
@@ -155,8 +156,9 @@ def load_item(path):
 
 
 def test_the_ppo_step_on_8_devices_gives_the_one_device_numbers(files):
-    """One iteration's rollouts, scored and stepped on under fsdp over 8 simulated devices and on one
-    device: the same log-probabilities, values, losses and updated weights (float32, 1e-5)."""
+    """One iteration's rollouts, scored and stepped on under fsdp over 8 simulated devices, on one
+    device, and on one device in 2 micro-batches: the same log-probabilities, values, losses and
+    updated weights (float32, 1e-5)."""
     tokenizer = load_tokenizer(files["tokenizer"])
     prompts = load_prompt_set(files["prompts"], tokenizer, 32)  # --seq-len 48 minus 16 new tokens
     rewarder = Rewarder(load_reward(files["reward"]), files["reward"], prompts, tokenizer)
@@ -164,8 +166,10 @@ def test_the_ppo_step_on_8_devices_gives_the_one_device_numbers(files):
     batch = {k: np.stack([item[k] for item in items]) for k in ("tokens", "length", "index")}
     init = load_checkpoint(files["sft"])
     results = {}
-    for plan in ("single", "fsdp"):
-        cfg = parse_args(rl_args(files, "ppo", "unused", "--sharding", plan, "--dtype", "float32"))
+    for plan, micro in (("single", "1"), ("fsdp", "1"), ("single", "2")):
+        cfg = parse_args(
+            rl_args(files, "ppo", "unused", "--sharding", plan, "--dtype", "float32", "--grad-accum", micro)
+        )
         step = build(cfg, init.config, None)
         sh = shardings_of(step.state)
         with sharding.activate(step.plan, step.mesh):
@@ -177,16 +181,18 @@ def test_the_ppo_step_on_8_devices_gives_the_one_device_numbers(files):
             minibatch = sharding.put({k: v[:8] for k, v in rollouts.arrays.items()}, shardings_of(step.minibatch))
             state, metrics = step.update(state, minibatch, np.int32(0))
             state, metrics = step.update(state, minibatch, np.int32(1))  # a ratio away from 1 this time
-            results[plan] = jax.device_get((rollouts.arrays, rollouts.metrics, metrics, state.params))
-    (arrays1, roll1, m1, p1), (arrays8, roll8, m8, p8) = results["single"], results["fsdp"]
-    np.testing.assert_array_equal(arrays1["tokens"], arrays8["tokens"])  # the same samples
-    for key in ("old_logp", "old_values", "advantages", "returns"):
-        np.testing.assert_allclose(arrays1[key], arrays8[key], atol=1e-5, rtol=0, err_msg=key)
-    for key in m1:
-        np.testing.assert_allclose(m1[key], m8[key], atol=1e-5, rtol=1e-5, err_msg=key)
+            results[plan, micro] = jax.device_get((rollouts.arrays, rollouts.metrics, metrics, state.params))
+    arrays1, roll1, m1, p1 = results["single", "1"]
     assert m1["clip_fraction"] >= 0 and m1["value_loss"] > 0 and abs(m1["approx_kl"]) > 0
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0), p1, p8)
-    assert roll1["reward"] == roll8["reward"]
+    for other in (("fsdp", "1"), ("single", "2")):
+        arrays, roll, m, p = results[other]
+        np.testing.assert_array_equal(arrays1["tokens"], arrays["tokens"])  # the same samples
+        for key in ("old_logp", "old_values", "advantages", "returns"):
+            np.testing.assert_allclose(arrays1[key], arrays[key], atol=1e-5, rtol=0, err_msg=f"{other} {key}")
+        for key in m1:
+            np.testing.assert_allclose(m1[key], m[key], atol=1e-5, rtol=1e-5, err_msg=f"{other} {key}")
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=0), p1, p)
+        assert roll1["reward"] == roll["reward"]
 
 
 def test_hf_to_sft_to_reward_model_to_ppo_to_hf_and_meta(files, tmp_path):

@@ -61,6 +61,7 @@ class Settings:
     prompt_len: int  # prompts are left-padded to this many tokens
     max_new: int  # response tokens
     ppo_epochs: int
+    micro_batches: int  # a minibatch (and a chunk of rollouts being scored) runs in this many pieces
     loss_chunk: int
     seed: int
 
@@ -70,7 +71,7 @@ class Settings:
         return cls(
             cfg.stage, adapters or None, cfg.value_from, cfg.kl_beta, cfg.gamma, cfg.lam, cfg.clip_ratio,
             cfg.clip_value, cfg.vf_coef, cfg.temperature, cfg.group_size, cfg.seq_len - cfg.max_new_tokens,
-            cfg.max_new_tokens, cfg.ppo_epochs, cfg.loss_chunk, cfg.seed,
+            cfg.max_new_tokens, cfg.ppo_epochs, cfg.grad_accum, cfg.loss_chunk, cfg.seed,
         )  # fmt: skip
 
     @property
@@ -126,8 +127,14 @@ def response_values(model: Llama, params: Params, batch: Batch, s: Settings) -> 
 
 
 def score(models: Models, s: Settings, trained: Params, frozen: Params, batch: Batch) -> Batch:
-    """A chunk of rollouts scored: logp, ref_logp, entropy [B, max_new], values (PPO), score [B]
-    (with a reward model)."""
+    """A chunk of rollouts scored, `s.micro_batches` pieces one after the other: logp, ref_logp,
+    entropy [B, max_new], values (PPO), score [B] (with a reward model)."""
+    micro = jax.tree.map(lambda x: x.reshape(s.micro_batches, -1, *x.shape[1:]), batch)
+    out = jax.lax.map(partial(score_micro_batch, models, s, trained, frozen), micro)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)
+
+
+def score_micro_batch(models: Models, s: Settings, trained: Params, frozen: Params, batch: Batch) -> Batch:
     with lora.intercept(s.lora):
         logp, entropy = response_logprobs(models.policy, policy_params(s, trained, frozen), batch, s, entropy=True)
         out = {"logp": logp, "entropy": entropy}
@@ -157,8 +164,10 @@ def finish(s: Settings, rollout: Batch) -> Batch:
 
 
 def objective(models: Models, s: Settings, trained: Params, frozen: Params, mb: Batch, rng: jax.Array):
-    """(the minibatch's loss, its metrics): PPO's clipped surrogate + vf_coef x clipped value loss,
-    or GRPO's clipped objective with its KL term."""
+    """(the minibatch's loss, (its metrics, its weight)): PPO's clipped surrogate + vf_coef x clipped
+    value loss, token means, or GRPO's clipped objective with its KL term, a mean over sequences.
+    Loss and metrics come multiplied by the weight (tokens, or sequences), so that micro-batches sum
+    to the minibatch's means."""
     policy_rng, value_rng = jax.random.split(rng)
     mask = mb["mask"]
     with lora.intercept(s.lora):
@@ -166,23 +175,39 @@ def objective(models: Models, s: Settings, trained: Params, frozen: Params, mb: 
         if not s.ppo:
             args = (mb["old_logp"], mb["ref_logp"], mb["advantages"], mask, s.clip_ratio, s.kl_beta)
             loss, metrics = losses.grpo_loss(logp, *args)
-            return loss, {"policy_loss": loss, **metrics}
+            return weighted(loss, {"policy_loss": loss, **metrics}, jnp.float32(mask.shape[0]))
         values = response_values(models.value, value_params(s, trained, frozen, value_rng), mb, s)
     policy_loss, clip_fraction = losses.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, s.clip_ratio)
     value_loss = losses.ppo_value_loss(values, mb["old_values"], mb["returns"], mask, s.clip_value)
     metrics = {"policy_loss": policy_loss, "value_loss": value_loss, "clip_fraction": clip_fraction}
     metrics["approx_kl"] = losses.masked_mean(mb["old_logp"] - logp, mask)  # to the rollout policy
-    return policy_loss + s.vf_coef * value_loss, metrics
+    return weighted(policy_loss + s.vf_coef * value_loss, metrics, jnp.sum(mask))
+
+
+def weighted(loss: jax.Array, metrics: Batch, weight: jax.Array):
+    return loss * weight, ({k: v * weight for k, v in metrics.items()}, weight)
 
 
 def make_update(models: Models, s: Settings, optimizer: optax.GradientTransformation, schedule: optax.Schedule):
-    """A pure `update(state, minibatch, index) -> (state, metrics)`: one optimizer step; `index`
-    counts the run's updates (the learning rate's step, LoRA dropout's key)."""
+    """A pure `update(state, minibatch, index) -> (state, metrics)`: one optimizer step, the
+    minibatch split into `s.micro_batches` whose gradients are summed; `index` counts the run's
+    updates (the learning rate's step, LoRA dropout's key)."""
     grad_fn = jax.grad(partial(objective, models, s), has_aux=True)
 
     def update(state: TrainState, mb: Batch, index: jax.Array) -> tuple[TrainState, Batch]:
-        grads, metrics = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(jax.random.key(s.seed), index))
+        rng = jax.random.fold_in(jax.random.key(s.seed), index)
+        micro = jax.tree.map(lambda x: x.reshape(s.micro_batches, -1, *x.shape[1:]), mb)
+
+        def grads_of(i):
+            return grad_fn(state.params, state.frozen, jax.tree.map(lambda x: x[i], micro), jax.random.fold_in(rng, i))
+
+        def accumulate(acc, i):
+            return jax.tree.map(jnp.add, acc, grads_of(i)), None
+
+        (grads, (sums, weight)), _ = jax.lax.scan(accumulate, grads_of(0), jnp.arange(1, s.micro_batches))
+        grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        metrics = {k: v / weight for k, v in sums.items()}
         metrics |= {"grad_norm": optax.tree.norm(grads), "lr": schedule(index)}
         return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state), metrics
 
@@ -270,9 +295,12 @@ def build(
     state_sh, mb_sh = shardings_of(state), shardings_of(minibatch)
     chunk_sh = {k: mb_sh[k] for k in SEQUENCE_KEYS}
     score_fn = jax.jit(partial(score, models, s), in_shardings=(state_sh.params, state_sh.frozen, chunk_sh))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    update = jax.jit(make_update(models, s, optimizer, schedule), in_shardings=(state_sh, mb_sh, replicated),
-                     out_shardings=(state_sh, None), donate_argnums=0)  # fmt: skip
+    update = jax.jit(
+        make_update(models, s, optimizer, schedule),
+        in_shardings=(state_sh, mb_sh, NamedSharding(mesh, PartitionSpec())),
+        out_shardings=(state_sh, None),
+        donate_argnums=0,
+    )
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k)
     return RLStep(s, models, sampling, optimizer, plan, mesh, state, minibatch, m, updates, score_fn,
                   jax.jit(partial(finish, s)), update)  # fmt: skip
