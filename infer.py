@@ -1,4 +1,4 @@
-"""Score, reward, generate and chat with a Llama checkpoint: `python infer.py {score,reward,generate,chat,sample-best} --help`."""
+"""Score, reward, generate, chat, sample and evaluate with a Llama checkpoint: `python infer.py --help`."""
 
 import sys
 
