@@ -43,9 +43,7 @@ def check_length(lm: Loaded, toks: list[int], where: str) -> list[int]:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding)
-    if lm.cfg.head != "lm":
-        raise UserError(f"{args.checkpoint} is a reward model: use infer.py reward")
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding, head="lm")
     sequences = []
     for n, obj in read_jsonl(args.input):
         if "tokens" in obj:
@@ -73,9 +71,7 @@ def cmd_reward(args: argparse.Namespace) -> None:
     from llama_jax.chat import ChatError
     from llama_jax.examples import BadExample, encode_response
 
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding)
-    if lm.cfg.head != "score":
-        raise UserError(f"{args.checkpoint} is not a reward model (train one with train.py --stage reward)")
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding, head="score")
     sequences = []
     for n, obj in read_jsonl(args.input):
         where = f"{args.input}:{n}"
@@ -115,7 +111,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts += [Prompt(p, None) for p in args.prompt or []]
     if not prompts:
         raise UserError("no prompts: give --prompt TEXT or --prompt-file FILE.jsonl")
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm")
     sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     tokens = [encode_prompt(lm.tokenizer, p, args.chat, args.system) for p in prompts]
     tokens, max_new = fit_context(lm.cfg.max_seq_len, tokens, args.max_new_tokens, args.truncate)
@@ -164,7 +160,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from llama_jax.chat import encode_dialog
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm")
     sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)

@@ -36,11 +36,13 @@ def load(
     tokenizer: str | None = None,
     need_tokenizer: bool = False,
     plan: str = "single",
+    head: str | None = None,
 ) -> Loaded:
     """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta, a
     LoRA run), placed on the devices as the sharding plan says. dtype 'auto': float32 on CPUs,
     bfloat16 on accelerators. When the plan splits kv heads over more devices than there are kv
-    heads, they are replicated (`cfg.n_kv_heads` is then the replicated count)."""
+    heads, they are replicated (`cfg.n_kv_heads` is then the replicated count). `head`: what the
+    caller needs, "lm" (a language model) or "score" (a reward model); None: either."""
     import orbax.checkpoint as ocp
 
     from llama_jax.convert import open_checkpoint, read_checkpoint
@@ -51,6 +53,10 @@ def load(
     mesh = sharding.build_mesh(sharding_plan)
     source = open_checkpoint(checkpoint)  # validates config, names and shapes
     cfg, tokenizer_files = source.config, source.tokenizer_files
+    if head == "lm" and cfg.head != "lm":
+        raise UserError(f"{checkpoint} is a reward model: it scores responses (infer.py reward), it does not generate")
+    if head == "score" and cfg.head != "score":
+        raise UserError(f"{checkpoint} is not a reward model (train one with train.py --stage reward)")
     replicas = sharding.kv_head_replicas(sharding_plan, mesh, cfg)
     model = build_model(cfg, dtype)
     placement = sharding.param_shardings(sharding_plan, mesh, cfg, split_kv_heads=replicas == 1)

@@ -70,10 +70,7 @@ def call_reward(reward: Reward, prompt: Any, completion: str, where: str) -> flo
 
 def load_reward_model(checkpoint: str, dtype: str = "auto", plan: str = "single") -> Loaded:
     """A reward model (any checkpoint format with a score head) and its tokenizer."""
-    rm = load(checkpoint, dtype, need_tokenizer=True, plan=plan)
-    if rm.cfg.head != "score":
-        raise UserError(f"{checkpoint} is not a reward model (train one with train.py --stage reward)")
-    return rm
+    return load(checkpoint, dtype, need_tokenizer=True, plan=plan, head="score")
 
 
 def score_dialogs(

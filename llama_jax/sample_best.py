@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"{args.prompts} holds no prompts")
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm")
     sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     tokens = []
     for prompt in prompts:

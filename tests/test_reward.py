@@ -250,7 +250,11 @@ def test_a_bad_pair_is_one_error_line_naming_file_and_line(files, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_a_language_model_is_no_reward_model(files, tmp_path, capsys):
+def test_a_language_model_is_no_reward_model_and_a_reward_model_does_not_generate(files, trained, tmp_path, capsys):
     lines = write_jsonl(tmp_path / "in.jsonl", [{"tokens": [1, 2]}])
     assert infer.main(["reward", "--checkpoint", files["hf"], "--input", lines]) == 2
     assert "is not a reward model" in capsys.readouterr().err
+    assert infer.main(["generate", "--checkpoint", str(trained[0]), "--prompt", "Hi"]) == 2
+    assert "is a reward model: it scores responses" in capsys.readouterr().err
+    assert infer.main(["score", "--checkpoint", str(trained[0]), "--input", lines]) == 2
+    assert "is a reward model" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from llama_jax.convert import open_checkpoint, read_checkpoint
 from llama_jax.convert.source import Source
 from llama_jax.errors import UserError
 from llama_jax.model import with_head
-from llama_jax.rewards import load_reward
+from llama_jax.rewards import Reward, load_reward
 from llama_jax.rl.rollout import Rewarder, Rollouts, collect
 from llama_jax.rl.setup import RLStep, build
 from llama_jax.step import TrainState, shardings_of
@@ -76,7 +76,7 @@ def train_rl(cfg: TrainConfig) -> None:
         run_dir.sample(cfg, run)
 
 
-def reward_inputs(cfg: TrainConfig) -> tuple[object | None, Source | None]:
+def reward_inputs(cfg: TrainConfig) -> tuple[Reward | None, Source | None]:
     """(the reward function, or the reward model's open checkpoint), checked: the model must have a
     score head and the policy's tokenizer, since it scores the policy's tokens."""
     if cfg.reward:

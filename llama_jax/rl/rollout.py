@@ -48,7 +48,7 @@ def row_seeds(seed: int, iteration: int, rows: int) -> np.ndarray:
     return np.random.default_rng([seed, iteration]).integers(0, 2**32, rows, dtype=np.uint64).astype(np.uint32)
 
 
-def sample(step: RLStep, state: TrainState, tokens: np.ndarray, pad: np.ndarray, seeds: np.ndarray, sampling,
+def sample_responses(step: RLStep, state: TrainState, tokens: np.ndarray, pad: np.ndarray, seeds: np.ndarray, sampling,
            stop_ids: jax.Array) -> np.ndarray:  # fmt: skip
     """Responses [B, max_new] to left-padded prompts [B, prompt_len], `step.rows` rows at a time."""
     s, model = step.settings, step.models.policy
@@ -111,7 +111,7 @@ def collect(step: RLStep, state: TrainState, prompts: dict[str, np.ndarray], ite
     pad = (s.prompt_len - prompts["length"]).astype(np.int32)
     seeds = row_seeds(s.seed, iteration, len(pad))
     tokens = left_padded(prompts)
-    responses = sample(step, state, tokens, pad, seeds, sampling, jnp.asarray(stop_ids, jnp.int32))
+    responses = sample_responses(step, state, tokens, pad, seeds, sampling, jnp.asarray(stop_ids, jnp.int32))
     batch = sequences(step, tokens, pad, responses, stop_ids)
     chunks = []
     for c in range(0, len(pad), step.rows):
