@@ -21,6 +21,7 @@ import numpy as np
 from llama_jax.attention import IMPLEMENTATIONS, attention
 from llama_jax.config import LlamaConfig
 from llama_jax.dtypes import parse_dtype
+from llama_jax.linear import INIT, dense
 from llama_jax.paged import PagedCache, paged_attention
 
 Params = dict[str, Any]
@@ -32,8 +33,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-_init = nn.initializers.normal(0.02)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -81,30 +80,6 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype) * scale.astype(self.dtype)
 
 
-class Linear(nn.Module):
-    """x @ kernel, contracting the last `in_axes` axes of x with the first of the kernel.
-
-    (flax's DenseGeneral flattens its kernel while initialising, which breaks logical
-    sharding constraints on multi-dimensional kernels.)"""
-
-    features: tuple[int, ...]
-    in_axes: int
-    names: tuple[str, ...]
-    dtype: Any
-    param_dtype: Any
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (*x.shape[x.ndim - self.in_axes :], *self.features)
-        kernel = self.param("kernel", nn.with_logical_partitioning(_init, self.names), shape, self.param_dtype)
-        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_axes)
-
-
-def _dense(features, in_axes, names, name, dtype, param_dtype) -> Linear:
-    features = (features,) if isinstance(features, int) else tuple(features)
-    return Linear(features, in_axes, names, dtype, param_dtype, name=name)
-
-
 class Attention(nn.Module):
     cfg: LlamaConfig
     dtype: Any
@@ -116,9 +91,9 @@ class Attention(nn.Module):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         heads = ("batch", "length", "heads", "head_dim")
         kv_heads = ("batch", "length", "kv_heads", "head_dim")
-        q = _dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
-        k = _dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
-        v = _dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
+        q = dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
+        k = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
+        v = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads)
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
         v = nn.with_logical_constraint(v, kv_heads)
@@ -138,7 +113,7 @@ class Attention(nn.Module):
             q_offset = 0 if layer_cache is None else cache_index
             out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, q_offset, self.implementation)
         out = nn.with_logical_constraint(out, heads)
-        out = _dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
+        out = dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
         return out, layer_cache
 
 
@@ -150,10 +125,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        gate = _dense(c.ffn_dim, 1, ("embed", "mlp"), "w1", dt, pdt)(x)
-        up = _dense(c.ffn_dim, 1, ("embed", "mlp"), "w3", dt, pdt)(x)
+        gate = dense(c.ffn_dim, 1, ("embed", "mlp"), "w1", dt, pdt)(x)
+        up = dense(c.ffn_dim, 1, ("embed", "mlp"), "w3", dt, pdt)(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _dense(c.dim, 1, ("mlp", "embed"), "w2", dt, pdt)(h)
+        return dense(c.dim, 1, ("mlp", "embed"), "w2", dt, pdt)(h)
 
 
 class Block(nn.Module):
@@ -218,7 +193,7 @@ class Llama(nn.Module):
             c.dim,
             dtype=dt,
             param_dtype=pdt,
-            embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")),
+            embedding_init=nn.with_logical_partitioning(INIT, ("vocab", "embed")),
             name="tok_embeddings",
         )
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
@@ -264,14 +239,14 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = _dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt)(x)
+            logits = dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt)(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
 
 def _score(hidden: jax.Array, dtype: Any, param_dtype: Any) -> jax.Array:
     """A reward or value model's scalars [B, T] (float32) from final hidden states: the
     `score/kernel` [dim, 1] projection (no bias), as HF's LlamaForSequenceClassification."""
-    scores = _dense(1, 1, ("embed", "labels"), "score", dtype, param_dtype)(hidden)
+    scores = dense(1, 1, ("embed", "labels"), "score", dtype, param_dtype)(hidden)
     return scores[..., 0].astype(jnp.float32)
 
 
@@ -281,7 +256,7 @@ def with_head(params: Params, cfg: LlamaConfig, rng: jax.Array) -> Params:
     params = {k: v for k, v in params.items() if k != "output" or (cfg.head == "lm" and not cfg.tie_embeddings)}
     if cfg.head == "score" and "score" not in params:
         dtype = np.asarray(params["norm"]["scale"]).dtype
-        params["score"] = {"kernel": np.asarray(_init(rng, (cfg.dim, 1), jnp.float32)).astype(dtype)}
+        params["score"] = {"kernel": np.asarray(INIT(rng, (cfg.dim, 1), jnp.float32)).astype(dtype)}
     return params
 
 
