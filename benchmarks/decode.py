@@ -9,6 +9,7 @@ matmul rate in the same run, then times:
 
     python benchmarks/decode.py                          # CPU: tiny preset, small sizes
     python benchmarks/decode.py --model llama3-8b        # GPU
+    /tmp/gpuaot/bin/python benchmarks/decode.py --compile-for h100 --model llama3-8b   # no GPU: decode_aot.py
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from llama_jax.config import get_preset
 from llama_jax.generate import Sampling, decode, prefill
 from llama_jax.model import build_model, init_params
+from llama_jax.per_layer import unstack_layers
 
 
 def timeit(fn, *args, reps: int = 5) -> float:
@@ -57,16 +59,25 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64", help="decode batch sizes")
     ap.add_argument("--context", type=int, default=512, help="prompt length before the timed decode steps")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
-    ap.add_argument("--unroll", type=int, default=1, help="layers per iteration of the layer loop (0: all)")
+    ap.add_argument("--compile-for", choices=("h100", "h200"), default=None, help="compile only, for this GPU")
+    ap.add_argument("--layout", default="stacked,per-layer", help="--compile-for: stacked and/or per-layer")
     args = ap.parse_args()
+    if args.compile_for:
+        from decode_aot import compile_rows  # benchmarks/, beside this script
+
+        cfg = get_preset(args.model or "llama3-8b")
+        prompt = int((args.prompts or "2048").split(",")[-1])
+        batches = [int(x) for x in args.batches.split(",")]
+        compile_rows(args.compile_for, cfg, args.layout.split(","), batches, prompt, args.context)
+        return
     on_cpu = jax.default_backend() == "cpu"
     name = args.model or ("tiny" if on_cpu else "llama3-8b")
     cfg = get_preset(name)
     prompts = [int(p) for p in (args.prompts or ("128,512" if on_cpu else "128,2048")).split(",")]
     cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, max(prompts) + args.context + args.steps))
     dt = jnp.bfloat16
-    model = build_model(cfg, dt, "xla", unroll=args.unroll or cfg.n_layers)
-    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dt)
+    model = build_model(cfg, dt, "xla", per_layer=True)  # the inference layout, as load() gives
+    params = jax.jit(lambda key: unstack_layers(init_params(cfg, key, dt)))(jax.random.key(0))
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     bandwidth = copy_bandwidth(2**28 if on_cpu else 2**32)
     flops_rate = matmul_rate(1024 if on_cpu else 8192)
@@ -109,7 +120,7 @@ def main() -> None:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"model: {name}, {cfg.num_params / 1e9:.3f}B params, bfloat16 weights {weight_bytes / 1e9:.3f} GB")
     print(f"measured: copy bandwidth {bandwidth / 1e9:.1f} GB/s, bf16 matmul {flops_rate / 1e12:.2f} TFLOP/s")
-    print(f"decode: context {args.context} + {args.steps} steps; layer loop unrolled {args.unroll or cfg.n_layers}\n")
+    print(f"decode: context {args.context} + {args.steps} steps\n")
     print("| measurement | measured | roofline | % of roofline |")
     print("|---|---|---|---|")
     for name, measured, roof, frac in rows:

@@ -35,6 +35,7 @@ import numpy as np
 from llama_jax.config import get_preset
 from llama_jax.generate import Sampling, bucket, generate
 from llama_jax.model import Llama, init_params
+from llama_jax.per_layer import unstack_layers
 from llama_jax.serving.api import create_app
 from llama_jax.serving.engine import Engine, EngineConfig
 from llama_jax.serving.server import BackgroundServer
@@ -198,8 +199,8 @@ def main() -> None:
     name = args.model or ("tiny" if on_cpu else "llama3-8b")
     cfg = get_preset(name)
     dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype or ("float32" if on_cpu else "bfloat16")]
-    model = Llama(cfg, dtype=dt, param_dtype=dt)
-    params = jax.jit(init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dt)
+    model = Llama(cfg, dtype=dt, param_dtype=dt, per_layer=True)  # the inference layout, as load() gives
+    params = jax.jit(lambda key: unstack_layers(init_params(cfg, key, dt)))(jax.random.key(0))
     with tempfile.TemporaryDirectory() as tmp:
         tok = tokenizer_for(cfg.vocab_size, Path(tmp))
     reqs = requests(args.num_requests, tok.vocab_size, args.input_len, args.output_len, args.len_sigma,

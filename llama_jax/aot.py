@@ -178,9 +178,9 @@ def compile_generate(
     cfg = get_preset(preset)
     plan = sharding.load_plan(plan_name)
     mesh = sharding.build_mesh(plan, topology_devices(topology))
-    model = build_model(cfg, dtype, backend="tpu")
+    model = build_model(cfg, dtype, backend="tpu", per_layer=True)
     dt = model.dtype
-    params = abstract(param_shapes(cfg, dt), sharding.param_shardings(plan, mesh, cfg))
+    params = abstract(param_shapes(cfg, dt, per_layer=True), sharding.param_shardings(plan, mesh, cfg, per_layer=True))
     multiple = sharding.batch_parallelism(plan, mesh)
     b = -(-batch_size // multiple) * multiple
     p = generate.bucket(prompt_len)
@@ -188,7 +188,7 @@ def compile_generate(
     rows_1d = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row.spec[0]))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     vec = lambda dtype: jax.ShapeDtypeStruct((b,), dtype, sharding=rows_1d)  # noqa: E731
-    cache = jax.eval_shape(lambda: init_cache(cfg, b, p + max_new, dt))
+    cache = jax.eval_shape(lambda: init_cache(cfg, b, p + max_new, dt, per_layer=True))
     cache = abstract(cache, sharding.cache_shardings(plan, mesh, cache))
     keys = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
     keys = jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=rows_1d)
@@ -232,9 +232,9 @@ def compile_serve(
     plan = sharding.load_plan(plan_name)
     mesh = sharding.build_mesh(plan, topology_devices(topology))
     cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * sharding.kv_head_replicas(plan, mesh, cfg))
-    model = build_model(cfg, dtype, backend="tpu")
+    model = build_model(cfg, dtype, backend="tpu", per_layer=True)
     dt = model.dtype
-    params = abstract(param_shapes(cfg, dt), sharding.param_shardings(plan, mesh, cfg))
+    params = abstract(param_shapes(cfg, dt, per_layer=True), sharding.param_shardings(plan, mesh, cfg, per_layer=True))
     pool = sharding.pool_sharding(plan, mesh)
     shards = math.prod(mesh.shape[n] for a in pool.spec for n in ((a,) if isinstance(a, str) else a or ()))
     pages_per_seq = -(-cfg.max_seq_len // config.page_size)

@@ -132,7 +132,8 @@ def _step(model: Llama, params, cache, token, lengths, step, keys, prompt_len, s
     return sample(logits[:, 0], step_keys, sampling), cache
 
 
-decode_step = jax.jit(_step, static_argnames=("model", "sampling"))
+# The cache is donated: each step updates it in place.
+decode_step = jax.jit(_step, static_argnames=("model", "sampling"), donate_argnames="cache")
 
 
 @partial(jax.jit, static_argnames=("model", "sampling", "cache_len", "cache_dtype"))
@@ -143,10 +144,10 @@ def prefill(model: Llama, params, tokens, pad, seeds, *, sampling: Sampling, cac
     idx = jnp.arange(p)[None]
     positions = jnp.maximum(idx - pad[:, None], 0)
     segments = (idx >= pad[:, None]).astype(jnp.int32)
-    cache = init_cache(model.cfg, b, cache_len, cache_dtype)
-    logits, cache = model.apply(
-        {"params": params}, tokens, positions=positions, segment_ids=segments, cache=cache, cache_index=0
-    )
+    cache = init_cache(model.cfg, b, cache_len, cache_dtype, model.per_layer)
+    last = jnp.full((b, 1), p - 1, jnp.int32)  # prompts are left-padded: every row ends at p - 1
+    inputs = dict(positions=positions, segment_ids=segments, cache=cache, cache_index=0, logits_at=last)
+    logits, cache = model.apply({"params": params}, tokens, **inputs)
     keys = jax.vmap(jax.random.key)(seeds)
     first = sample(logits[:, -1], jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling)
     return first, cache, keys

@@ -12,6 +12,7 @@ from llama_jax import sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import UserError
 from llama_jax.model import Llama, Params, build_model, param_shapes, repeat_kv_heads
+from llama_jax.per_layer import inference_layer, unstack_layers
 from llama_jax.tokenizer import Tokenizer
 
 
@@ -58,21 +59,25 @@ def load(
     if head == "score" and cfg.head != "score":
         raise UserError(f"{checkpoint} is not a reward model (train one with train.py --stage reward)")
     replicas = sharding.kv_head_replicas(sharding_plan, mesh, cfg)
-    model = build_model(cfg, dtype)
-    placement = sharding.param_shardings(sharding_plan, mesh, cfg, split_kv_heads=replicas == 1)
-    if isinstance(source, OrbaxReader):  # restored straight into the target sharding: each host reads its shards
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, model.dtype, sharding=sh), param_shapes(cfg), placement
-        )
-        params = ocp.StandardCheckpointer().restore(source.params, target)
-    else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed
-        host = read_checkpoint(source).params
-        params = sharding.put(jax.tree.map(lambda a: np.asarray(a).astype(model.dtype), host), placement)
+    stored = cfg  # kv heads as the checkpoint has them
     if replicas > 1:  # more devices split kv heads than there are: each device gets a copy of one
         cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * replicas)
-        model = build_model(cfg, dtype)
-        target = sharding.param_shardings(sharding_plan, mesh, cfg)
-        params = jax.jit(lambda p: repeat_kv_heads(p, replicas), out_shardings=target)(params)
+    model = build_model(cfg, dtype, per_layer=True)
+    placement = sharding.param_shardings(sharding_plan, mesh, cfg, per_layer=True)
+    if isinstance(source, OrbaxReader):  # restored straight into a sharding: each host reads its shards
+        stacked = sharding.param_shardings(sharding_plan, mesh, stored, split_kv_heads=replicas == 1)
+        target = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, model.dtype, sharding=sh), param_shapes(stored), stacked
+        )
+        params = ocp.StandardCheckpointer().restore(source.params, target)
+        if replicas > 1:
+            repeated = sharding.param_shardings(sharding_plan, mesh, cfg)
+            params = jax.jit(lambda p: repeat_kv_heads(p, replicas), out_shardings=repeated)(params)
+        params = unstack_on_device(params, placement)
+    else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed layer by layer
+        host = jax.tree.map(lambda a: np.asarray(a).astype(model.dtype), read_checkpoint(source).params)
+        host = repeat_kv_heads(host, replicas) if replicas > 1 else host
+        params = sharding.put(unstack_layers(host), placement)
     tok = None
     where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
     if tokenizer or tokenizer_files or need_tokenizer:
@@ -84,3 +89,35 @@ def load(
     if tok is not None and tok.vocab_size > cfg.vocab_size:
         raise UserError(f"tokenizer vocabulary ({tok.vocab_size}) exceeds the model's embedding ({cfg.vocab_size})")
     return Loaded(cfg, model, params, tok, sharding_plan, mesh)
+
+
+def unstack_on_device(params: Params, placement: Params) -> Params:
+    """Canonical (stacked) parameters on the devices -> the per-layer layout, placed as `placement`
+    says, one stacked module at a time (attention, each feed-forward matrix, ...), each freed once
+    its layers are placed: the peak is the parameters plus one module of all layers."""
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    layers: list[Params] = [{} for _ in range(n)]
+    branches = [{k: v} for k, v in stacked.items() if k != "feed_forward"]
+    branches += [{"feed_forward": {k: v}} for k, v in stacked.get("feed_forward", {}).items()]
+    for branch in branches:
+        for i, layer in enumerate(layers):
+            piece = inference_layer(branch, i)
+            _merge(layer, jax.device_put(piece, _like(placement[f"layers_{i}"], piece)))
+        for leaf in jax.tree.leaves(branch):
+            leaf.delete()
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": layer for i, layer in enumerate(layers)}}
+
+
+def _like(tree: dict, branch: dict) -> dict:
+    """The part of `tree` with the keys of `branch`."""
+    return {k: _like(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in branch.items()}
+
+
+def _merge(into: dict, branch: dict) -> None:
+    for k, v in branch.items():
+        if isinstance(v, dict):
+            _merge(into.setdefault(k, {}), v)
+        else:
+            into[k] = v

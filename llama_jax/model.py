@@ -1,8 +1,13 @@
 """The Llama 1/2/3 transformer in Flax Linen.
 
-One forward serves training, scoring and KV-cache decoding. Layers are stacked with
-`nn.scan`, so every layer parameter has a leading `layers` axis. Every parameter and
-activation carries logical axis names; sharding plans map them to a mesh from outside.
+One forward serves training, scoring and KV-cache decoding. For training, layers are stacked
+with `nn.scan`: every layer parameter has a leading `layers` axis (the canonical layout, the one
+checkpoints hold). For inference (`per_layer=True`) each layer is its own module `layers_{i}`
+with its own arrays and its own KV-cache buffers: a step then reads each weight in place. A
+loop over stacked weights slices them, and where a GEMM library needs whole operands (cuBLAS)
+each slice is a copy of the layer's weights, every step (per_layer.py converts). Every
+parameter and activation carries logical axis names; sharding plans map them to a mesh from
+outside.
 
 RoPE uses the rotate-half convention (pairs `(x[i], x[i + head_dim/2])`), as Hugging Face
 stores q/k; Meta's interleaved layout is permuted at the converter boundary.
@@ -23,9 +28,12 @@ from llama_jax.config import LlamaConfig
 from llama_jax.dtypes import parse_dtype
 from llama_jax.linear import INIT, dense
 from llama_jax.paged import PagedCache, paged_attention
+from llama_jax.per_layer import unstack_layers
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]  # k, v: [layers, batch, cache_len, kv_heads, head_dim]; segment_ids: [batch, cache_len]
+# k, v: [layers, batch, cache_len, kv_heads, head_dim], or per layer a list of [batch, cache_len,
+# kv_heads, head_dim]; segment_ids: [batch, cache_len]
+Cache = dict[str, Any]
 
 REMAT_POLICIES = {
     "none": None,
@@ -85,15 +93,23 @@ class Attention(nn.Module):
     dtype: Any
     param_dtype: Any
     implementation: str
+    fused_qkv: bool = False  # one `wqkv` projection (see fuse_qkv) instead of wq, wk, wv
 
     @nn.compact
     def __call__(self, x, cos, sin, layer_cache, q_segment_ids, kv_segment_ids, cache_index):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         heads = ("batch", "length", "heads", "head_dim")
         kv_heads = ("batch", "length", "kv_heads", "head_dim")
-        q = dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
-        k = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
-        v = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
+        if self.fused_qkv:
+            group = c.n_heads // c.n_kv_heads
+            names = ("embed", "kv_heads", "qkv", "head_dim")
+            qkv = dense((c.n_kv_heads, group + 2, c.head_dim), 1, names, "wqkv", dt, pdt)(x)
+            q = qkv[:, :, :, :group].reshape(*x.shape[:2], c.n_heads, c.head_dim)
+            k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
+        else:
+            q = dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
+            k = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
+            v = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads)
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
         v = nn.with_logical_constraint(v, kv_heads)
@@ -138,12 +154,13 @@ class Block(nn.Module):
     dtype: Any
     param_dtype: Any
     implementation: str
+    fused_qkv: bool = False
 
     @nn.compact
     def __call__(self, x, layer_cache, rope, segments, cache_index):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         h = RMSNorm(c.norm_eps, dt, pdt, name="attention_norm")(x)
-        attn, layer_cache = Attention(c, dt, pdt, self.implementation, name="attention")(
+        attn, layer_cache = Attention(c, dt, pdt, self.implementation, self.fused_qkv, name="attention")(
             h, *rope, layer_cache, *segments, cache_index
         )
         x = x + attn
@@ -170,6 +187,7 @@ class Llama(nn.Module):
     remat: str = "none"
     attention_impl: str = "xla"
     scan_unroll: int = 1  # layers per iteration of the loop over layers (n_layers: no loop at all)
+    per_layer: bool = False  # one module per layer (`layers_{i}`) instead of a scan over stacked ones
 
     @nn.compact
     def __call__(
@@ -212,21 +230,32 @@ class Llama(nn.Module):
         if self.remat != "none":
             # A loop keeps XLA from merging the recomputation with the forward pass (common
             # subexpressions); fully unrolled layers need the barrier that prevent_cse adds.
-            unrolled = self.scan_unroll >= c.n_layers
+            unrolled = self.per_layer or self.scan_unroll >= c.n_layers
             block = nn.remat(Block, prevent_cse=unrolled, policy=REMAT_POLICIES[self.remat])
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.n_layers,
-            unroll=self.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, dt, pdt, self.attention_impl, name="layers")
-        x, layer_cache = layers(x, layer_cache, rope, (segment_ids, kv_segment_ids), cache_index)
+        args = (rope, (segment_ids, kv_segment_ids), cache_index)
+        if self.per_layer:
+            outs = []
+            for i in range(c.n_layers):
+                own = i if isinstance(cache, PagedCache) else None  # the layer's pages, or its buffers
+                if isinstance(layer_cache, dict):
+                    own = {"k": layer_cache["k"][i], "v": layer_cache["v"][i]}
+                x, own = block(c, dt, pdt, self.attention_impl, True, name=f"layers_{i}")(x, own, *args)
+                outs.append(own)
+            layer_cache = None if layer_cache is None else {n: [o[n] for o in outs] for n in ("k", "v")}
+        else:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=c.n_layers,
+                unroll=self.scan_unroll,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(c, dt, pdt, self.attention_impl, name="layers")
+            x, layer_cache = layers(x, layer_cache, *args)
 
         if isinstance(cache, PagedCache):
-            new_cache = cache.write(layer_cache["k"], layer_cache["v"])
+            new_cache = cache.write(*(jnp.stack(layer_cache[n]) if self.per_layer else layer_cache[n] for n in "kv"))
         else:
             new_cache = None if cache is None else {**layer_cache, "segment_ids": kv_segment_ids}
         x = RMSNorm(c.norm_eps, dt, pdt, name="norm")(x)
@@ -260,20 +289,22 @@ def with_head(params: Params, cfg: LlamaConfig, rng: jax.Array) -> Params:
     return params
 
 
-def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32) -> Cache:
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "segment_ids": jnp.zeros((batch, length), jnp.int32),
-    }
+def init_cache(cfg: LlamaConfig, batch: int, length: int, dtype: Any = jnp.float32, per_layer: bool = False) -> Cache:
+    """A zeroed KV cache of `length` slots: stacked over layers, or (per_layer) a buffer per layer."""
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    if per_layer:
+        kv = {n: [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)] for n in ("k", "v")}
+    else:
+        kv = {n: jnp.zeros((cfg.n_layers, *shape), dtype) for n in ("k", "v")}
+    return {**kv, "segment_ids": jnp.zeros((batch, length), jnp.int32)}
 
 
-CACHE_AXES = {
-    "k": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "cache_length", "kv_heads", "head_dim"),
-    "segment_ids": ("batch", "cache_length"),
-}
+def cache_axes(cache: Cache) -> dict:
+    """The logical axis names of a cache's arrays (stacked or per layer), a pytree like it."""
+    axes = ("batch", "cache_length", "kv_heads", "head_dim")
+    per_layer = isinstance(cache["k"], list)
+    kv = [axes] * len(cache["k"]) if per_layer else ("layers", *axes)
+    return {"k": kv, "v": kv, "segment_ids": ("batch", "cache_length")}
 
 
 def init_params(cfg: LlamaConfig, rng: jax.Array, param_dtype: Any = jnp.float32) -> Params:
@@ -283,9 +314,9 @@ def init_params(cfg: LlamaConfig, rng: jax.Array, param_dtype: Any = jnp.float32
     return nn.meta.unbox(variables["params"])
 
 
-def param_logical_axes(cfg: LlamaConfig) -> Params:
+def param_logical_axes(cfg: LlamaConfig, per_layer: bool = False) -> Params:
     """The logical axis names of every parameter, a pytree of PartitionSpec like the params."""
-    model = Llama(cfg)
+    model = Llama(cfg, per_layer=per_layer)
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
     return nn.get_partition_spec(boxed)["params"]
 
@@ -293,15 +324,19 @@ def param_logical_axes(cfg: LlamaConfig) -> Params:
 def repeat_kv_heads(params: Params, times: int) -> Params:
     """Each kv head of wk and wv `times` times in a row ([..., kv_heads, head_dim] -> kv_heads *
     times): the model with n_kv_heads * times computes the same function, since query head h
-    then uses copy h // (heads / (kv_heads * times)) of its own kv head h // (heads / kv_heads)."""
+    then uses copy h // (heads / (kv_heads * times)) of its own kv head h // (heads / kv_heads).
+    Canonical layout; host (numpy) or device arrays."""
     attention = params["layers"]["attention"]
-    repeated = {n: {"kernel": jnp.repeat(attention[n]["kernel"], times, axis=-2)} for n in ("wk", "wv")}
+    xp = np if isinstance(attention["wk"]["kernel"], np.ndarray) else jnp
+    repeated = {n: {"kernel": xp.repeat(attention[n]["kernel"], times, axis=-2)} for n in ("wk", "wv")}
     return {**params, "layers": {**params["layers"], "attention": {**attention, **repeated}}}
 
 
-def param_shapes(cfg: LlamaConfig, dtype: Any = jnp.float32) -> Params:
-    """ShapeDtypeStructs of the canonical parameter pytree, without allocating it."""
+def param_shapes(cfg: LlamaConfig, dtype: Any = jnp.float32, per_layer: bool = False) -> Params:
+    """ShapeDtypeStructs of the parameter pytree (canonical, or per layer), without allocating it."""
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    if per_layer:
+        shapes = jax.eval_shape(unstack_layers, shapes)
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
 
 
@@ -312,12 +347,14 @@ def build_model(
     remat: str = "none",
     unroll: int = 0,
     backend: str | None = None,
+    per_layer: bool = False,
 ) -> Llama:
     """The model for `backend` (default: this process's; the target when compiling ahead of time),
     every 'auto' setting resolved here and nowhere else: dtype float32 on CPUs, bfloat16 elsewhere
     (parameters may come in any dtype); attention splash on TPUs, cuDNN on GPUs with 16-bit compute,
     XLA otherwise; unroll 0: all layers on GPUs without remat (the GPU backend copies saved
-    activations and weight gradients in and out of all-layer buffers in a loop), else 1."""
+    activations and weight gradients in and out of all-layer buffers in a loop), else 1.
+    per_layer: the inference layout (params from `unstack_layers`, caches `per_layer`)."""
     backend = backend or jax.default_backend()
     backend = "gpu" if backend in ("cuda", "rocm") else backend  # a device's platform may name its GPU kind
     compute = (np.dtype(np.float32) if backend == "cpu" else parse_dtype("bfloat16")) if dtype == "auto" else dtype
@@ -335,4 +372,4 @@ def build_model(
     if unroll < 0:
         raise ValueError(f"the layer unroll must not be negative, got {unroll}")
     layers = min(unroll, cfg.n_layers) if unroll else cfg.n_layers if backend == "gpu" and remat == "none" else 1
-    return Llama(cfg, compute, jnp.float32, remat, attention, scan_unroll=layers)
+    return Llama(cfg, compute, jnp.float32, remat, attention, scan_unroll=layers, per_layer=per_layer)

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 PLANS_DIR = Path(__file__).resolve().parent.parent / "sharding"
 LOGICAL_AXES = {
     "batch", "length", "vocab", "embed", "heads", "kv_heads", "head_dim",
-    "mlp", "norm", "layers", "cache_length",
+    "mlp", "norm", "layers", "cache_length", "qkv",
 }  # fmt: skip
 RULE_TABLES = ("params", "activations", "cache", "batch")
 
@@ -162,15 +162,17 @@ def shardings(
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def param_shardings(plan: Plan, mesh: Mesh, cfg, split_kv_heads: bool = True) -> dict:
-    """Shardings of the parameters (checked to divide); with split_kv_heads False, wk and wv keep
-    their kv heads whole (to be replicated first, see kv_head_replicas)."""
+def param_shardings(plan: Plan, mesh: Mesh, cfg, split_kv_heads: bool = True, per_layer: bool = False) -> dict:
+    """Shardings of the parameters, canonical or per layer (checked to divide); with
+    split_kv_heads False, wk and wv keep their kv heads whole (to be replicated first, see
+    kv_head_replicas)."""
     from llama_jax.model import param_logical_axes, param_shapes
 
     rules = plan.rules["params"]
     if not split_kv_heads:
         rules = tuple((logical, axes) for logical, axes in rules if logical != "kv_heads")
-    return shardings(mesh, param_logical_axes(cfg), rules, param_shapes(cfg), "parameter")
+    axes, shapes = param_logical_axes(cfg, per_layer), param_shapes(cfg, per_layer=per_layer)
+    return shardings(mesh, axes, rules, shapes, "parameter")
 
 
 def kv_head_replicas(plan: Plan, mesh: Mesh, cfg) -> int:
@@ -217,10 +219,12 @@ def batch_parallelism(plan: Plan, mesh: Mesh) -> int:
 
 
 def cache_shardings(plan: Plan, mesh: Mesh, cache_shapes: dict) -> dict:
-    """Shardings of a KV cache (see model.init_cache), checked to divide."""
-    from llama_jax.model import CACHE_AXES
+    """Shardings of a KV cache (see model.init_cache; stacked or per layer), checked to divide."""
+    from llama_jax.model import cache_axes
 
-    return shardings(mesh, CACHE_AXES, plan.rules["cache"] + plan.rules["batch"], cache_shapes, "KV cache")
+    return shardings(
+        mesh, cache_axes(cache_shapes), plan.rules["cache"] + plan.rules["batch"], cache_shapes, "KV cache"
+    )
 
 
 def pool_sharding(plan: Plan, mesh: Mesh) -> NamedSharding:

@@ -173,8 +173,10 @@ class TrainConfig:
         if self.data_streams == 0:  # frozen: set the resolved default once, so it is saved and printed
             object.__setattr__(self, "data_streams", math.gcd(rows, 8))
         if rows % self.data_streams:
-            raise ConfigError(f"batch-size {self.batch_size} is not divisible by data-streams {self.data_streams}"
-                              + (f" x group-size {self.group_size}" if self.stage == "grpo" else ""))
+            raise ConfigError(
+                f"batch-size {self.batch_size} is not divisible by data-streams {self.data_streams}"
+                + (f" x group-size {self.group_size}" if self.stage == "grpo" else "")
+            )
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch-size {self.batch_size} is not divisible by grad-accum {self.grad_accum}")
         if not 0 <= self.eval_fraction < 1:

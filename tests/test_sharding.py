@@ -20,6 +20,7 @@ from llama_jax.convert import Checkpoint, save_checkpoint
 from llama_jax.generate import Sampling, generate
 from llama_jax.load import load
 from llama_jax.model import init_params
+from llama_jax.per_layer import stack_layers
 from llama_jax.tokenizer import train_sentencepiece
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,14 +70,13 @@ def test_infer_score_matches_one_device(model_dir, reference, plan):
     assert max_diff(score_with(model_dir, plan, plan), reference) <= 1e-5
 
 
-EXPECTED = {  # parameter -> plan -> mesh axes per dimension
-    "layers/attention/wq/kernel": {
-        "dp": P(None, None, None, None), "fsdp": P(None, "fsdp", None, None),
-        "fsdp_tp": P(None, "fsdp", "tensor", None), "tp": P(None, None, "tensor", None),
+EXPECTED = {  # parameter (as loaded for inference: per layer, fused wqkv) -> plan -> mesh axes per dimension
+    "layers_0/attention/wqkv/kernel": {
+        "dp": P(None, None, None, None), "fsdp": P("fsdp", None, None, None),
+        "fsdp_tp": P("fsdp", "tensor", None, None), "tp": P(None, "tensor", None, None),
     },
-    "layers/feed_forward/w2/kernel": {
-        "dp": P(None, None, None), "fsdp": P(None, None, "fsdp"),
-        "fsdp_tp": P(None, "tensor", "fsdp"), "tp": P(None, "tensor", None),
+    "layers_1/feed_forward/w2/kernel": {
+        "dp": P(None, None), "fsdp": P(None, "fsdp"), "fsdp_tp": P("tensor", "fsdp"), "tp": P("tensor", None),
     },
     "tok_embeddings/embedding": {
         "dp": P(None, None), "fsdp": P(None, "fsdp"), "fsdp_tp": P("tensor", "fsdp"), "tp": P("tensor", None),
@@ -129,8 +129,9 @@ def gqa_dir(model_dir) -> Path:
 def test_kv_heads_are_replicated_over_a_larger_tensor_axis(gqa_dir, plan, replicas):
     # 2 kv heads on a tensor axis of 8 (tp) or 4 (fsdp_tp): each device holds a copy of one.
     lm = load(str(gqa_dir / "gqa"), plan=plan)
-    wk = lm.params["layers"]["attention"]["wk"]["kernel"]
-    assert lm.cfg.n_kv_heads == 2 * replicas and wk.shape[2] == 2 * replicas and wk.sharding.spec[2] == "tensor"
+    wqkv = lm.params["layers_0"]["attention"]["wqkv"]["kernel"]  # [embed, kv_heads, group + 2, head_dim]
+    assert lm.cfg.n_kv_heads == 2 * replicas and wqkv.shape[1:3] == (2 * replicas, 8 // (2 * replicas) + 2)
+    assert wqkv.sharding.spec[1] == "tensor"
     reference = score_with(gqa_dir, "single", "gqa-single", "gqa")
     assert max_diff(score_with(gqa_dir, plan, f"gqa-{plan}", "gqa"), reference) <= 1e-5
 
@@ -183,13 +184,13 @@ def test_checkpoint_saved_under_fsdp_restores_under_tp_and_one_device(model_dir,
     saved.mkdir()
     (saved / "config.json").write_text((model_dir / "model" / "config.json").read_text())
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((saved / "params").absolute(), lm.params)
+    checkpointer.save((saved / "params").absolute(), stack_layers(lm.params))  # the canonical layout
     checkpointer.wait_until_finished()
-    assert lm.params["layers"]["attention"]["wq"]["kernel"].sharding.spec == P(None, "fsdp", None, None)
+    assert lm.params["layers_0"]["attention"]["wqkv"]["kernel"].sharding.spec == P("fsdp", None, None, None)
     for plan in ("tp", "single"):
         restored = load(str(saved), plan=plan)
-        wq = restored.params["layers"]["attention"]["wq"]["kernel"]
-        assert wq.sharding.spec == (P(None, None, "tensor", None) if plan == "tp" else P(None, None, None, None))
+        wqkv = restored.params["layers_0"]["attention"]["wqkv"]["kernel"]
+        assert wqkv.sharding.spec == (P(None, "tensor", None, None) if plan == "tp" else P(None, None, None, None))
         assert max_diff(score_with(model_dir, plan, f"restored-{plan}", "fsdp-saved"), reference) <= 1e-5
 
 

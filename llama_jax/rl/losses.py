@@ -67,6 +67,7 @@ def ppo_value_loss(
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
     """1 - Var(R - V) / Var(R) over the response tokens: 1 when the values predict the returns."""
+
     def var(x):
         return masked_mean((x - masked_mean(x, mask)) ** 2, mask)
 
