@@ -133,7 +133,7 @@ def dot_flops(comp: Computation, comps: dict[str, Computation]) -> int:
 
 
 def traffic(i: Instr, comp: Computation, comps: dict[str, Computation]) -> float:
-    """Operand + output bytes of a kernel; an operand read only through dynamic-slices or gathers
+    """Operand + output bytes of a kernel; an operand read only through (dynamic) slices or gathers
     (an embedding lookup) counts their slices, an output that is an in-place dynamic-update-slice
     counts its update (and no input)."""
     operands = [nbytes(comp[o].type) for o in i.operands]
@@ -144,7 +144,7 @@ def traffic(i: Instr, comp: Computation, comps: dict[str, Computation]) -> float
     params = {p.name: int(p.args) for p in fused.values() if p.op == "parameter"}
     for name, k in params.items():
         users = [u for u in fused.values() if name in u.operands]
-        if users and all(u.op in ("dynamic-slice", "gather") and u.operands[0] == name for u in users):
+        if users and all(u.op in ("slice", "dynamic-slice", "gather") and u.operands[0] == name for u in users):
             operands[k] = sum(nbytes(u.type) for u in users)
     unwrap = lambda name: unwrap(fused[name].operands[0]) if fused[name].op in ("bitcast", "reshape") else name
     root = next(r for r in fused.values() if r.root)
