@@ -37,7 +37,8 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.hub import resolve_checkpoint
-from llama_jax.model import Linear, Params, param_shapes
+from llama_jax.linear import Linear
+from llama_jax.model import Params, param_shapes
 
 # Target name -> the kernel's path in the params pytree.
 TARGETS = {
