@@ -91,9 +91,9 @@ class Attention(nn.Module):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         heads = ("batch", "length", "heads", "head_dim")
         kv_heads = ("batch", "length", "kv_heads", "head_dim")
-        q = dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
-        k = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
-        v = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
+        q = dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt, c.quantization)(x)
+        k = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt, c.quantization)(x)
+        v = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt, c.quantization)(x)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads)
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
         v = nn.with_logical_constraint(v, kv_heads)
@@ -113,7 +113,7 @@ class Attention(nn.Module):
             q_offset = 0 if layer_cache is None else cache_index
             out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, q_offset, self.implementation)
         out = nn.with_logical_constraint(out, heads)
-        out = dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
+        out = dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt, c.quantization)(out)
         return out, layer_cache
 
 
@@ -125,10 +125,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        gate = dense(c.ffn_dim, 1, ("embed", "mlp"), "w1", dt, pdt)(x)
-        up = dense(c.ffn_dim, 1, ("embed", "mlp"), "w3", dt, pdt)(x)
+        gate = dense(c.ffn_dim, 1, ("embed", "mlp"), "w1", dt, pdt, c.quantization)(x)
+        up = dense(c.ffn_dim, 1, ("embed", "mlp"), "w3", dt, pdt, c.quantization)(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense(c.dim, 1, ("mlp", "embed"), "w2", dt, pdt)(h)
+        return dense(c.dim, 1, ("mlp", "embed"), "w2", dt, pdt, c.quantization)(h)
 
 
 class Block(nn.Module):
@@ -239,7 +239,7 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt)(x)
+            logits = dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt, c.quantization)(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
 
@@ -295,14 +295,16 @@ def repeat_kv_heads(params: Params, times: int) -> Params:
     times): the model with n_kv_heads * times computes the same function, since query head h
     then uses copy h // (heads / (kv_heads * times)) of its own kv head h // (heads / kv_heads)."""
     attention = params["layers"]["attention"]
-    repeated = {n: {"kernel": jnp.repeat(attention[n]["kernel"], times, axis=-2)} for n in ("wk", "wv")}
+    # A quantized kernel's scale has the kv heads at -2 too.
+    repeated = {n: jax.tree.map(lambda a: jnp.repeat(a, times, axis=-2), attention[n]) for n in ("wk", "wv")}
     return {**params, "layers": {**params["layers"], "attention": {**attention, **repeated}}}
 
 
 def param_shapes(cfg: LlamaConfig, dtype: Any = jnp.float32) -> Params:
-    """ShapeDtypeStructs of the canonical parameter pytree, without allocating it."""
+    """ShapeDtypeStructs of the canonical parameter pytree, without allocating it (float leaves in
+    `dtype`; quantized kernels keep their integer dtype)."""
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype if s.dtype.kind in "iu" else dtype), shapes)
 
 
 def build_model(
