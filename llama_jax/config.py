@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 FAMILIES = ("llama1", "llama2", "llama3")
 HEADS = ("lm", "score")  # next-token logits; one scalar per position (a reward or value model)
+QUANTIZATIONS = ("none", "int8", "int4")  # weight-only, of the linear kernels (see quant.py)
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,8 @@ class LlamaConfig:
     # in its place (HF's LlamaForSequenceClassification, read at each sequence's last token).
     head: str = "lm"
     pad_id: int | None = None  # the token HF's sequence classifier pads with (never a sequence's last)
+    # How the linear kernels are stored (quant.py); a quantized checkpoint loads as it is stored.
+    quantization: str = "none"
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -66,6 +69,10 @@ class LlamaConfig:
             raise ConfigError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.head not in HEADS:
             raise ConfigError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization == "int4" and (self.dim % 2 or self.ffn_dim % 2):
+            raise ConfigError(f"int4 packs input rows in pairs: dim {self.dim} and ffn_dim {self.ffn_dim} must be even")
 
     def replace(self, **changes) -> LlamaConfig:
         return dataclasses.replace(self, **changes)

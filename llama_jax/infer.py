@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from llama_jax import hosts, sharding
+from llama_jax.config import QUANTIZATIONS
 from llama_jax.convert.hub import resolve_checkpoint
 from llama_jax.dtypes import DTYPES
 from llama_jax.errors import ArgumentParser, UserError, run_cli
@@ -43,7 +44,7 @@ def check_length(lm: Loaded, toks: list[int], where: str) -> list[int]:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding, head="lm")
+    lm = load(args.checkpoint, args.dtype, args.tokenizer, plan=args.sharding, head="lm", quantize=args.quantize)
     sequences = []
     for n, obj in read_jsonl(args.input):
         if "tokens" in obj:
@@ -111,7 +112,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompts += [Prompt(p, None) for p in args.prompt or []]
     if not prompts:
         raise UserError("no prompts: give --prompt TEXT or --prompt-file FILE.jsonl")
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm")
+    lm = load(
+        args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm",
+        quantize=args.quantize,
+    )  # fmt: skip
     sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     tokens = [encode_prompt(lm.tokenizer, p, args.chat, args.system) for p in prompts]
     tokens, max_new = fit_context(lm.cfg.max_seq_len, tokens, args.max_new_tokens, args.truncate)
@@ -160,7 +164,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from llama_jax.chat import encode_dialog
 
     sampling = Sampling(args.temperature, args.top_p, args.top_k)  # bad values fail before loading
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm")
+    lm = load(
+        args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm",
+        quantize=args.quantize,
+    )  # fmt: skip
     sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -200,6 +207,12 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
         p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
 
+    def quantize(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--quantize", choices=QUANTIZATIONS, default=None,
+            help="weight-only quantization of the linear kernels once loaded (default: as the checkpoint is stored)",
+        )  # fmt: skip
+
     def sampling(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=int, default=256)
         p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy")
@@ -210,6 +223,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="log-probabilities of token sequences")
     common(p)
+    quantize(p)
     p.add_argument("--input", required=True, help='JSONL: {"tokens": [...]} or {"text": "..."} per line')
     p.add_argument("--output", default=None, help="JSONL output (default: stdout)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -224,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete prompts")
     common(p)
+    quantize(p)
     sampling(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help='JSONL: {"prompt": "..."} or {"messages": [...]} per line')
@@ -240,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="interactive multi-turn chat (streams)")
     common(p)
+    quantize(p)
     sampling(p)
     p.set_defaults(func=cmd_chat)
 
@@ -247,6 +263,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching over a paged KV cache")
     common(p)
+    quantize(p)
     server.add_arguments(p)
     p.set_defaults(func=server.cmd_serve)
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
-from llama_jax import sharding
+from llama_jax import quant, sharding
 from llama_jax.config import LlamaConfig
 from llama_jax.errors import UserError
 from llama_jax.model import Llama, Params, build_model, param_shapes, repeat_kv_heads
-from llama_jax.per_layer import inference_layer, unstack_layers
+from llama_jax.per_layer import inference_layer
 from llama_jax.tokenizer import Tokenizer
 
 
@@ -38,12 +38,15 @@ def load(
     need_tokenizer: bool = False,
     plan: str = "single",
     head: str | None = None,
+    quantize: str | None = None,
 ) -> Loaded:
     """Load any checkpoint `llama-jax-convert` reads (Orbax model or run directory, HF, Meta, a
     LoRA run), placed on the devices as the sharding plan says. dtype 'auto': float32 on CPUs,
     bfloat16 on accelerators. When the plan splits kv heads over more devices than there are kv
     heads, they are replicated (`cfg.n_kv_heads` is then the replicated count). `head`: what the
-    caller needs, "lm" (a language model) or "score" (a reward model); None: either."""
+    caller needs, "lm" (a language model) or "score" (a reward model); None: either. `quantize`:
+    "int8" or "int4" quantizes the linear kernels once loaded (quant.py), one at a time on the
+    devices; None: as the checkpoint is stored (a quantized checkpoint loads as it is)."""
     import orbax.checkpoint as ocp
 
     from llama_jax.convert import open_checkpoint, read_checkpoint
@@ -58,26 +61,37 @@ def load(
         raise UserError(f"{checkpoint} is a reward model: it scores responses (infer.py reward), it does not generate")
     if head == "score" and cfg.head != "score":
         raise UserError(f"{checkpoint} is not a reward model (train one with train.py --stage reward)")
+    if quantize not in (None, cfg.quantization) and cfg.quantization != "none":
+        raise UserError(f"{checkpoint} is quantized ({cfg.quantization}); it cannot be loaded as {quantize}")
+    quantized = cfg.replace(quantization=quantize) if quantize not in (None, cfg.quantization) else None  # checked now
     replicas = sharding.kv_head_replicas(sharding_plan, mesh, cfg)
-    stored = cfg  # kv heads as the checkpoint has them
-    if replicas > 1:  # more devices split kv heads than there are: each device gets a copy of one
-        cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * replicas)
-    model = build_model(cfg, dtype, per_layer=True)
-    placement = sharding.param_shardings(sharding_plan, mesh, cfg, per_layer=True)
-    if isinstance(source, OrbaxReader):  # restored straight into a sharding: each host reads its shards
-        stacked = sharding.param_shardings(sharding_plan, mesh, stored, split_kv_heads=replicas == 1)
-        target = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, model.dtype, sharding=sh), param_shapes(stored), stacked
+    plan_, split = sharding_plan, replicas == 1  # kv heads kept whole when they are to be repeated
+    compute = build_model(cfg, dtype).dtype
+    stacked = sharding.param_shardings(plan_, mesh, cfg, split_kv_heads=split)
+    if isinstance(source, OrbaxReader):  # restored straight into the sharding: each host reads its shards
+        target = jax.tree_util.tree_map_with_path(
+            lambda p, s, sh: jax.ShapeDtypeStruct(s.shape, quant.load_dtype(p, s.dtype, compute), sharding=sh),
+            param_shapes(cfg),
+            stacked,
         )
         params = ocp.StandardCheckpointer().restore(source.params, target)
-        if replicas > 1:
-            repeated = sharding.param_shardings(sharding_plan, mesh, cfg)
-            params = jax.jit(lambda p: repeat_kv_heads(p, replicas), out_shardings=repeated)(params)
-        params = unstack_on_device(params, placement)
-    else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed layer by layer
-        host = jax.tree.map(lambda a: np.asarray(a).astype(model.dtype), read_checkpoint(source).params)
-        host = repeat_kv_heads(host, replicas) if replicas > 1 else host
-        params = sharding.put(unstack_layers(host), placement)
+    else:  # Meta, HF or a LoRA run (adapters merged): read on the host, then placed
+        host = read_checkpoint(source).params
+        cast = lambda p, a: np.asarray(a).astype(quant.load_dtype(p, np.asarray(a).dtype, compute))  # noqa: E731
+        params = sharding.put(jax.tree_util.tree_map_with_path(cast, host), stacked)
+    if quantized is not None:  # each float kernel is freed once quantized
+        placement = sharding.param_shardings(plan_, mesh, quantized, split_kv_heads=split)
+        params = quant.quantize_params(params, cfg, quantize, placement, free=True)
+        cfg = quantized
+    if replicas > 1:  # more devices split kv heads than there are: each device gets a copy of one
+        cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * replicas)
+        kv = {"layers": {"attention": {n: params["layers"]["attention"][n] for n in ("wk", "wv")}}}
+        where = sharding.param_shardings(plan_, mesh, cfg)["layers"]["attention"]
+        where = {"layers": {"attention": {n: where[n] for n in ("wk", "wv")}}}
+        kv = jax.jit(lambda t: repeat_kv_heads(t, replicas), out_shardings=where)(kv)
+        params["layers"]["attention"].update(kv["layers"]["attention"])
+    model = build_model(cfg, dtype, per_layer=True)
+    params = unstack_on_device(params, sharding.param_shardings(plan_, mesh, cfg, per_layer=True))
     tok = None
     where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
     if tokenizer or tokenizer_files or need_tokenizer:

@@ -100,16 +100,16 @@ class Attention(nn.Module):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
         heads = ("batch", "length", "heads", "head_dim")
         kv_heads = ("batch", "length", "kv_heads", "head_dim")
+        proj = lambda features, names, name: dense(features, 1, names, name, dt, pdt, c.quantization)(x)  # noqa: E731
         if self.fused_qkv:
             group = c.n_heads // c.n_kv_heads
-            names = ("embed", "kv_heads", "qkv", "head_dim")
-            qkv = dense((c.n_kv_heads, group + 2, c.head_dim), 1, names, "wqkv", dt, pdt)(x)
+            qkv = proj((c.n_kv_heads, group + 2, c.head_dim), ("embed", "kv_heads", "qkv", "head_dim"), "wqkv")
             q = qkv[:, :, :, :group].reshape(*x.shape[:2], c.n_heads, c.head_dim)
             k, v = qkv[:, :, :, group], qkv[:, :, :, group + 1]
         else:
-            q = dense((c.n_heads, c.head_dim), 1, ("embed", "heads", "head_dim"), "wq", dt, pdt)(x)
-            k = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wk", dt, pdt)(x)
-            v = dense((c.n_kv_heads, c.head_dim), 1, ("embed", "kv_heads", "head_dim"), "wv", dt, pdt)(x)
+            q = proj((c.n_heads, c.head_dim), ("embed", "heads", "head_dim"), "wq")
+            k = proj((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "wk")
+            v = proj((c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), "wv")
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), heads)
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
         v = nn.with_logical_constraint(v, kv_heads)
@@ -129,7 +129,7 @@ class Attention(nn.Module):
             q_offset = 0 if layer_cache is None else cache_index
             out = attention(q, k.astype(dt), v.astype(dt), q_segment_ids, kv_segment_ids, q_offset, self.implementation)
         out = nn.with_logical_constraint(out, heads)
-        out = dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt)(out)
+        out = dense(c.dim, 2, ("heads", "head_dim", "embed"), "wo", dt, pdt, c.quantization)(out)
         return out, layer_cache
 
 
@@ -141,10 +141,10 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
-        gate = dense(c.ffn_dim, 1, ("embed", "mlp"), "w1", dt, pdt)(x)
-        up = dense(c.ffn_dim, 1, ("embed", "mlp"), "w3", dt, pdt)(x)
+        gate = dense(c.ffn_dim, 1, ("embed", "mlp"), "w1", dt, pdt, c.quantization)(x)
+        up = dense(c.ffn_dim, 1, ("embed", "mlp"), "w3", dt, pdt, c.quantization)(x)
         h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense(c.dim, 1, ("mlp", "embed"), "w2", dt, pdt)(h)
+        return dense(c.dim, 1, ("mlp", "embed"), "w2", dt, pdt, c.quantization)(h)
 
 
 class Block(nn.Module):
@@ -268,7 +268,7 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
-            logits = dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt)(x)
+            logits = dense(c.vocab_size, 1, ("embed", "vocab"), "output", dt, pdt, c.quantization)(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
 
@@ -327,17 +327,19 @@ def repeat_kv_heads(params: Params, times: int) -> Params:
     then uses copy h // (heads / (kv_heads * times)) of its own kv head h // (heads / kv_heads).
     Canonical layout; host (numpy) or device arrays."""
     attention = params["layers"]["attention"]
+    # A quantized kernel's scale has the kv heads at -2 too.
     xp = np if isinstance(attention["wk"]["kernel"], np.ndarray) else jnp
-    repeated = {n: {"kernel": xp.repeat(attention[n]["kernel"], times, axis=-2)} for n in ("wk", "wv")}
+    repeated = {n: jax.tree.map(lambda a: xp.repeat(a, times, axis=-2), attention[n]) for n in ("wk", "wv")}
     return {**params, "layers": {**params["layers"], "attention": {**attention, **repeated}}}
 
 
 def param_shapes(cfg: LlamaConfig, dtype: Any = jnp.float32, per_layer: bool = False) -> Params:
-    """ShapeDtypeStructs of the parameter pytree (canonical, or per layer), without allocating it."""
+    """ShapeDtypeStructs of the parameter pytree (canonical, or per layer), without allocating it
+    (float leaves in `dtype`; quantized kernels keep their integer dtype)."""
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     if per_layer:
         shapes = jax.eval_shape(unstack_layers, shapes)
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype if s.dtype.kind in "iu" else dtype), shapes)
 
 
 def build_model(

@@ -63,6 +63,10 @@ def prepare(cfg: TrainConfig) -> Run:
     out = Path(cfg.out).absolute()
     tokenizer_src = Path(cfg.tokenizer) if cfg.tokenizer else None
     init = open_checkpoint(cfg.init_from) if cfg.init_from else None
+    if init and init.config.quantization != "none":
+        raise UserError(
+            f"{cfg.init_from} is quantized ({init.config.quantization}) for inference; train from its original"
+        )
     model_cfg = init.config if init else get_preset(cfg.model)
     if tokenizer_src is None and init and init.tokenizer_files:
         tokenizer_src = init.tokenizer_files[0]

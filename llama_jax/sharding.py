@@ -167,12 +167,26 @@ def param_shardings(plan: Plan, mesh: Mesh, cfg, split_kv_heads: bool = True, pe
     split_kv_heads False, wk and wv keep their kv heads whole (to be replicated first, see
     kv_head_replicas)."""
     from llama_jax.model import param_logical_axes, param_shapes
+    from llama_jax.quant import is_scale
 
     rules = plan.rules["params"]
     if not split_kv_heads:
         rules = tuple((logical, axes) for logical, axes in rules if logical != "kv_heads")
-    axes, shapes = param_logical_axes(cfg, per_layer), param_shapes(cfg, per_layer=per_layer)
-    return shardings(mesh, axes, rules, shapes, "parameter")
+    shapes = param_shapes(cfg, per_layer=per_layer)
+
+    def unsplit(path, logical: PartitionSpec, shape: jax.ShapeDtypeStruct) -> PartitionSpec:
+        # An int4 scale's group axis is named as its kernel's rows, but fewer groups than shards
+        # do not split: that axis of the scale (at most 1/64 of the kernel) is then replicated.
+        if not is_scale(path):
+            return logical
+        spec = _spec(logical, rules)
+        parts = [math.prod(mesh.shape[n] for n in ((a,) if isinstance(a, str) else a or ())) for a in spec]
+        kept = zip(logical, shape.shape, parts, strict=True)
+        return PartitionSpec(*(name if size % p == 0 else None for name, size, p in kept))
+
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    logical = jax.tree_util.tree_map_with_path(unsplit, param_logical_axes(cfg, per_layer), shapes, is_leaf=is_spec)
+    return shardings(mesh, logical, rules, shapes, "parameter")
 
 
 def kv_head_replicas(plan: Plan, mesh: Mesh, cfg) -> int:

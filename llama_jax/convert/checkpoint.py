@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from llama_jax.config import LlamaConfig
+from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.convert.hub import resolve_checkpoint
 from llama_jax.convert.source import ConvertError, Source, get_leaf, iter_tensors, set_leaf
 from llama_jax.dtypes import DTYPES
@@ -118,11 +118,13 @@ def save_checkpoint(
     overwrite: bool = False,
     progress: bool = False,
     max_shard_bytes: int = 5 * 2**30,
+    quantize: str = "none",
 ) -> None:
     """Write `source` (a Checkpoint or an open_checkpoint reader) to the directory `dst` as `fmt`.
 
     Everything is written into a temporary sibling directory that replaces `dst` at the end, so a
-    failure leaves `dst` as it was. model_parallel: Meta shard count; max_shard_bytes: HF shards."""
+    failure leaves `dst` as it was. model_parallel: Meta shard count; max_shard_bytes: HF shards;
+    quantize: "int8" or "int4" writes a quantized Orbax checkpoint for inference (quant.py)."""
     from llama_jax.convert.hf import write_hf
     from llama_jax.convert.meta import write_meta
     from llama_jax.convert.orbax_ckpt import write_orbax
@@ -131,10 +133,21 @@ def save_checkpoint(
     writers = {
         "meta": lambda tmp: write_meta(source, tmp, model_parallel, progress),
         "hf": lambda tmp: write_hf(source, tmp, max_shard_bytes, progress),
-        "orbax": lambda tmp: write_orbax(source, tmp, progress),
+        "orbax": lambda tmp: write_orbax(source, tmp, progress, quantize),
     }
     if fmt not in writers:
         raise ConvertError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if source.config.quantization != "none":
+        raise ConvertError(
+            f"the checkpoint is quantized ({source.config.quantization}): it cannot be converted "
+            f"(to {fmt} or otherwise); convert the unquantized checkpoint instead"
+        )
+    if quantize != "none" and fmt != "orbax":
+        raise ConvertError(f"--quantize writes Orbax checkpoints only (--to orbax), not {fmt}")
+    try:
+        source.config.replace(quantization=quantize)
+    except ConfigError as e:
+        raise ConvertError(str(e)) from None
     if fmt == "meta" and source.config.head != "lm":
         raise ConvertError("Meta's format holds language models only; write a reward model --to hf or --to orbax")
     if model_parallel != 1 and fmt != "meta":

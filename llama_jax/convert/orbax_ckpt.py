@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
-from llama_jax import lora
+from llama_jax import lora, quant
 from llama_jax.config import LlamaConfig
 from llama_jax.convert.layout import stacked_shape, tensors
 from llama_jax.convert.source import (
@@ -85,6 +85,15 @@ class _Arrays:
         return self.store
 
 
+def leaf_shapes(cfg: LlamaConfig) -> dict[str, tuple[tuple[int, ...], np.dtype | None]]:
+    """Every leaf of the checkpoint of `cfg`: its stacked shape and, quantized, its dtype."""
+    return {
+        k: v
+        for t in tensors(cfg)
+        for k, v in quant.stored_leaves(t.key, stacked_shape(t, cfg), cfg.quantization).items()
+    }
+
+
 class OrbaxReader(Reader):
     format = "orbax"
 
@@ -92,11 +101,13 @@ class OrbaxReader(Reader):
         super().__init__(path, load_config(path / "config.json", LlamaConfig.from_dict), cast)
         self.params = _params_dir(path).absolute()  # the PyTree checkpoint, for orbax's own restore
         self.arrays = _Arrays(self.params)
-        expected = {t.key: t for t in tensors(self.config)}
-        for key, t in expected.items():
+        expected = leaf_shapes(self.config)
+        for key, (shape, dtype) in expected.items():
             if key not in self.arrays.leaves:
                 raise ConvertError(f"parameter {key} is missing from {self.params}")
-            check_shape(f"parameter {key}", self.arrays.leaves[key].shape, stacked_shape(t, self.config))
+            check_shape(f"parameter {key}", self.arrays.leaves[key].shape, shape)
+            if dtype is not None and np.dtype(self.arrays.leaves[key].dtype) != dtype:
+                raise ConvertError(f"parameter {key} is {self.arrays.leaves[key].dtype}, not {dtype} ({self.params})")
         unexpected = set(self.arrays.leaves) - set(expected)
         if unexpected:
             raise ConvertError(f"unexpected parameter {sorted(unexpected)[0]} in {self.params}")
@@ -157,13 +168,15 @@ class LoraRunReader(Reader):
         return self.base.dtype("norm/scale" if key == lora.HEAD else key)  # the base may have no head
 
 
-def write_orbax(source: Source, dst: Path, progress: bool = False) -> None:
-    cfg = source.config
+def write_orbax(source: Source, dst: Path, progress: bool = False, quantize: str = "none") -> None:
+    """`quantize` "int8"/"int4": the linear kernels are quantized one layer at a time (quant.py)."""
+    cfg = source.config.replace(quantization=quantize)
     write_json(dst / "config.json", cfg.to_dict())
     placeholders, save_args = {}, {}
     for t in tensors(cfg):
-        set_leaf(placeholders, t.key, np.broadcast_to(np.zeros((), source.dtype(t.key)), stacked_shape(t, cfg)))
-        set_leaf(save_args, t.key, ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if t.per_layer else ()))
+        for key, (shape, dtype) in quant.stored_leaves(t.key, stacked_shape(t, cfg), quantize).items():
+            set_leaf(placeholders, key, np.broadcast_to(np.zeros((), dtype or source.dtype(t.key)), shape))
+            set_leaf(save_args, key, ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES, shard_axes=(0,) if t.per_layer else ()))
     # deepcopy_host_arrays=False: orbax would otherwise materialise the placeholders.
     handler = ocp.PyTreeCheckpointHandler(
         use_zarr3=True,
@@ -177,5 +190,8 @@ def write_orbax(source: Source, dst: Path, progress: bool = False) -> None:
         )
     arrays = _Arrays(dst / "params", write=True)
     for t, layer, x in iter_tensors(source, progress):
-        store = arrays[t.key]
-        (store if layer is None else store[layer]).write(x).result()
+        leaves = quant.stored_leaves(t.key, x.shape, quantize)
+        values = [x] if len(leaves) == 1 else quant.quantize_host(t.key, x, quantize)
+        for key, value in zip(leaves, values, strict=True):
+            store = arrays[key]
+            (store if layer is None else store[layer]).write(value).result()

@@ -67,7 +67,12 @@ class Reader:
 
 def iter_tensors(source: Source, progress: bool = False) -> Iterator[tuple[Tensor, int | None, np.ndarray]]:
     """Every canonical tensor of `source`, one layer at a time in items() order, with a bytes/s
-    progress bar on stderr."""
+    progress bar on stderr. A quantized checkpoint has no such tensors: it is for inference only."""
+    if source.config.quantization != "none":
+        raise ConvertError(
+            f"the checkpoint is quantized ({source.config.quantization}): only inference (infer.py) loads it; "
+            "train or convert from the unquantized checkpoint"
+        )
     todo = list(items(source.config))
     total = sum(math.prod(t.shape(source.config)) * source.dtype(t.key).itemsize for t, _ in todo)
     # disable=None: no bar when stderr is not a terminal.

@@ -130,7 +130,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from llama_jax.load import load
     from llama_jax.serving.api import create_app
 
-    lm = load(args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding)
+    lm = load(
+        args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, quantize=args.quantize
+    )
     with sharding.activate(lm.plan, lm.mesh):
         pages = num_pages(args, lm.cfg, lm.model.dtype, lm.plan, lm.mesh)
         engine = Engine(
