@@ -127,6 +127,7 @@ def main() -> None:
     ap.add_argument("--profile", metavar="DIR", default=None, help="only trace the bf16 decode loop into DIR")
     ap.add_argument("--compile-for", choices=("h100", "h200"), default=None, help="compile only, for this GPU")
     ap.add_argument("--layout", default="stacked,per-layer", help="--compile-for: stacked and/or per-layer")
+    ap.add_argument("--gemms", default="triton,cublas", help="--compile-for: XLA's GEMMs (triton) and/or cublas")
     args = ap.parse_args()
     batches = [int(x) for x in args.batches.split(",")]
     if args.compile_for:
@@ -134,7 +135,8 @@ def main() -> None:
 
         cfg = get_preset(args.model or "llama3-8b")
         prompt = int((args.prompts or "2048").split(",")[-1])
-        compile_rows(args.compile_for, cfg, args.layout.split(","), batches, prompt, args.context, args.quantize)
+        layouts = args.layout.split(",")
+        compile_rows(args.compile_for, cfg, layouts, batches, prompt, args.context, args.quantize, args.gemms)
         return
     on_cpu = jax.default_backend() == "cpu"
     name = args.model or ("tiny" if on_cpu else "llama3-8b")

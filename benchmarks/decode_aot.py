@@ -30,7 +30,7 @@ from gpu_compile import GPUS, TARGET_CONFIG, Computation, dot_flops, parse_hlo, 
 from jax.experimental import topologies
 from train_step import print_table
 
-from llama_jax import generate, sharding
+from llama_jax import generate, quant, sharding
 from llama_jax.aot import abstract
 from llama_jax.config import LlamaConfig
 from llama_jax.generate import Sampling
@@ -71,8 +71,9 @@ def kernel_costs(text: str, weight_sizes: set[int]) -> dict[str, float]:
 
 
 def compile_rows(
-    gpu: str, cfg: LlamaConfig, layouts: list[str], batches: list[int], prompt: int, context: int
-) -> list[dict[str, str]]:
+    gpu: str, cfg: LlamaConfig, layouts: list[str], batches: list[int], prompt: int, context: int,
+    quantize: str = "none", gemms: str = "triton,cublas",
+) -> list[dict[str, str]]:  # fmt: skip
     name, bandwidth, memory = GPUS[gpu]
     desc = TARGET_CONFIG.format(name=name, bandwidth=bandwidth, memory=memory)
     devices = list(topologies.get_topology_desc(platform="cuda", topology="1x1x1", target_config=desc).devices)
@@ -82,10 +83,11 @@ def compile_rows(
     one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     vec = lambda b, dtype: jax.ShapeDtypeStruct((b,), dtype, sharding=one)  # noqa: E731
     dt = jnp.dtype(jnp.bfloat16)
-    layer_shapes = param_shapes(cfg, dt, per_layer=True)
-    weight_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(layer_shapes))
-    sizes = {math.prod(s.shape) for k, v in layer_shapes.items() if k.startswith("layers_") for s in jax.tree.leaves(v)}
-    sizes = {n for n in sizes if n * dt.itemsize >= 2**20}  # weight matrices, not norm scales
+
+    def stored_shapes(c: LlamaConfig, per_layer: bool):  # as load() places them: scales float32
+        shapes = param_shapes(c, dt, per_layer=per_layer)
+        as_stored = lambda p, s: jax.ShapeDtypeStruct(s.shape, quant.load_dtype(p, s.dtype, dt))  # noqa: E731
+        return jax.tree_util.tree_map_with_path(as_stored, shapes)
 
     def cache(b: int, length: int, per_layer: bool):
         shapes = jax.eval_shape(lambda: init_cache(cfg, b, length, dt, per_layer))
@@ -95,12 +97,17 @@ def compile_rows(
         k = jax.eval_shape(lambda: jax.vmap(jax.random.key)(jnp.zeros((b,), jnp.uint32)))
         return jax.ShapeDtypeStruct(k.shape, k.dtype, sharding=one)
 
-    rows = []
-    for layout in layouts:
+    rows, weights = [], []
+    for mode, layout in [(m, lay) for m in quantize.split(",") for lay in layouts]:
+        qcfg = cfg.replace(quantization=mode)
         per_layer = layout == "per-layer"
-        model = build_model(cfg, "bfloat16", "cudnn", backend="gpu", per_layer=per_layer)
-        shapes = param_shapes(cfg, dt, per_layer=per_layer)
-        params = abstract(shapes, sharding.param_shardings(plan, mesh, cfg, per_layer=per_layer))
+        model = build_model(qcfg, "bfloat16", "cudnn", backend="gpu", per_layer=per_layer)
+        shapes = stored_shapes(qcfg, per_layer)
+        params = abstract(shapes, sharding.param_shardings(plan, mesh, qcfg, per_layer=per_layer))
+        weight_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
+        weights.append(f"{mode} {weight_bytes / 1e9:.2f} GB")
+        layer = stored_shapes(qcfg, True)["layers_0"]
+        sizes = {math.prod(s.shape) for s in jax.tree.leaves(layer) if math.prod(s.shape) >= 2**19}  # not norms
         steps, scalar = 64, jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
         programs = [
             (f"prefill 1x{prompt}", generate.prefill,
@@ -121,20 +128,23 @@ def compile_rows(
             )  # fmt: skip
         for label, fn, args, kwargs in programs:
             lowered = fn.lower(*args, **kwargs)
-            for gemms, options in GEMM_MODES.items():
+            for gemm in gemms.split(","):
+                options = GEMM_MODES[gemm]
                 compiled = lowered.compile(compiler_options=options)
                 m = compiled.memory_analysis()
                 peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
                 c = kernel_costs(compiled.as_text(), sizes)
                 step, once = (c["loop"], c["once"]) if c["has_loop"] else (c["once"], 0.0)
                 rows.append({
-                    "layout": layout, "GEMMs": gemms, "program": label, "peak GiB": f"{peak / 2**30:.2f}",
-                    "fits": "yes" if peak <= memory else "NO", "kernels": f"{c['kernels']:,}",
+                    "weights": mode, "layout": layout, "GEMMs": gemm, "program": label,
+                    "peak GiB": f"{peak / 2**30:.2f}", "fits": "yes" if peak <= memory else "NO",
+                    "kernels": f"{c['kernels']:,}",
                     "non-GEMM GB/step": f"{step / 1e9:.2f}", "% of weights": f"{100 * step / weight_bytes:.1f}%",
                     "once per call GB": f"{once / 1e9:.2f}", "weight copies": str(c["copies"]),
                 })  # fmt: skip
-                print(f"compiled {layout} {gemms} {label}", file=sys.stderr, flush=True)
-    print(f"{name} (compiled without a device, {memory / 2**30:.1f} GiB); weights {weight_bytes / 1e9:.2f} GB")
+                print(f"compiled {mode} {layout} {gemm} {label}", file=sys.stderr, flush=True)
+    print(f"{name} (compiled without a device, {memory / 2**30:.1f} GiB); {cfg.num_params / 1e9:.2f}B params")
+    print(f"weights as stored: {', '.join(weights)}")
     print(f"decode: context {context} tokens + {steps} steps; a loop's body is one step, the rest once per call\n")
     print_table(rows)
     return rows
