@@ -9,6 +9,10 @@ matmul rate in the same run, then times:
 
     python benchmarks/decode.py                          # CPU: tiny preset, small sizes
     python benchmarks/decode.py --model llama3-8b        # GPU
+    python benchmarks/decode.py --model llama3.1-8b --draft llama3.2-1b   # + a speculative row (K=4)
+
+With random weights the draft's acceptance means little: `--draft` equal to `--model` (every token
+accepted) bounds the speculative rate from above; `speculative.decode_rate` takes real parameters too.
     /tmp/gpuaot/bin/python benchmarks/decode.py --compile-for h100 --model llama3-8b   # no GPU: decode_aot.py
 """
 
@@ -61,6 +65,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
     ap.add_argument("--compile-for", choices=("h100", "h200"), default=None, help="compile only, for this GPU")
     ap.add_argument("--layout", default="stacked,per-layer", help="--compile-for: stacked and/or per-layer")
+    ap.add_argument("--draft", default=None, help="a speculative decoding row at batch 1: the draft preset")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes a round")
     args = ap.parse_args()
     if args.compile_for:
         from decode_aot import compile_rows  # benchmarks/, beside this script
@@ -116,6 +122,21 @@ def main() -> None:
         roof = step_bytes / bandwidth
         rows.append((f"decode batch {b}", f"{b / seconds:,.0f} tok/s", f"{b / roof:,.0f} tok/s", roof / seconds))
 
+    if args.draft:
+        from llama_jax.speculative import decode_rate
+
+        draft_cfg = get_preset(args.draft).replace(max_seq_len=cfg.max_seq_len)
+        if draft_cfg.vocab_size != cfg.vocab_size:
+            ap.error(f"the draft's vocabulary ({draft_cfg.vocab_size}) is not the model's ({cfg.vocab_size})")
+        draft = build_model(draft_cfg, dt, "xla", per_layer=True)
+        same = draft_cfg == cfg
+        draft_params = (
+            params if same else jax.jit(lambda k: unstack_layers(init_params(draft_cfg, k, dt)))(jax.random.key(1))
+        )
+        rate, accepted = decode_rate(model, params, draft, draft_params, args.context, args.steps, args.draft_tokens)
+        label = f"speculative batch 1 ({args.draft}, K={args.draft_tokens}, acceptance {accepted.rate:.2f})"
+        rows.append((label, f"{rate:,.0f} tok/s", "-", None))
+
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"model: {name}, {cfg.num_params / 1e9:.3f}B params, bfloat16 weights {weight_bytes / 1e9:.3f} GB")
@@ -124,7 +145,7 @@ def main() -> None:
     print("| measurement | measured | roofline | % of roofline |")
     print("|---|---|---|---|")
     for name, measured, roof, frac in rows:
-        print(f"| {name} | {measured} | {roof} | {100 * frac:.0f}% |")
+        print(f"| {name} | {measured} | {roof} | {'-' if frac is None else f'{100 * frac:.0f}%'} |")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def total(stats: Sequence[Acceptance]) -> Acceptance:
 # -- the cache and a forward at per-row slots ------------------------------------------------
 def new_cache(model: Llama, batch: int, length: int, dtype) -> dict:
     """The one place this module makes a KV cache."""
-    return init_cache(model.cfg, batch, length, dtype)
+    return init_cache(model.cfg, batch, length, dtype, model.per_layer)
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,9 +99,9 @@ def prefill(model: Llama, params: Params, tokens: jax.Array, pad: jax.Array, cac
     positions = jnp.maximum(idx - pad[:, None], 0)
     segments = (idx >= pad[:, None]).astype(jnp.int32)
     cache = new_cache(model, b, cache_len, cache_dtype or model.dtype)
-    logits, cache = model.apply(
-        {"params": params}, tokens, positions=positions, segment_ids=segments, cache=cache, cache_index=0
-    )
+    last = jnp.full((b, 1), p - 1, jnp.int32)  # prompts are left-padded: every row ends at p - 1
+    inputs = dict(positions=positions, segment_ids=segments, cache=cache, cache_index=0, logits_at=last)
+    logits, cache = model.apply({"params": params}, tokens, **inputs)
     return logits[:, -1], cache
 
 
@@ -316,7 +316,7 @@ def load_draft(
     ids = range(0, mine.vocab_size, max(1, mine.vocab_size // 512))
 
     def identity(t) -> tuple:
-        names = (t.vocab_size, t.bos_id, t.eos_id, t.pad_id, tuple(t.stop_ids), t.special_tokens())
+        names = (t.vocab_size, t.bos_id, t.eos_id, t.pad_id, tuple(t.stop_ids), t.special_tokens)
         return (*names, t.encode(PROBE), tuple(t.decode([i]) for i in ids))
 
     if identity(mine) != identity(theirs):
