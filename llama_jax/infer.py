@@ -11,7 +11,7 @@ from dataclasses import replace
 import jax
 import numpy as np
 
-from llama_jax import hosts, sharding
+from llama_jax import hosts, sharding, speculative
 from llama_jax.config import QUANTIZATIONS
 from llama_jax.convert.hub import resolve_checkpoint
 from llama_jax.dtypes import DTYPES
@@ -102,6 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.compile_only:
         from llama_jax import aot
 
+        if args.draft:
+            raise UserError("--compile-only does not compile speculative decoding (--draft)")
         if not args.model or not args.topology:
             raise UserError("--compile-only needs --model PRESET and --topology (e.g. v5e-8)")
         return aot.compile_generate(
@@ -116,22 +118,30 @@ def cmd_generate(args: argparse.Namespace) -> None:
         args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm",
         quantize=args.quantize,
     )  # fmt: skip
+    draft = speculative.load_draft(lm, args.draft, args.dtype, args.tokenizer, args.sharding) if args.draft else None
     sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     tokens = [encode_prompt(lm.tokenizer, p, args.chat, args.system) for p in prompts]
     tokens, max_new = fit_context(lm.cfg.max_seq_len, tokens, args.max_new_tokens, args.truncate)
     kw = dict(sampling=sampling, stop_ids=lm.tokenizer.stop_ids, seed=args.seed, batch_multiple=lm.batch_multiple)
     with sharding.activate(lm.plan, lm.mesh):
-        if args.stream and not args.json:
+        if args.stream and not args.json and not draft:
             for toks in tokens:
                 print_stream(lm, stream(lm.model, lm.params, [toks], max_new, **kw))
             return
-        completions = generate(lm.model, lm.params, tokens, max_new, **kw)
+        if draft:  # the rounds run on the device: --stream prints each completion whole
+            models = (lm.model, lm.params, draft.model, draft.params)
+            completions, stats = speculative.generate(*models, tokens, max_new, k=args.draft_tokens, **kw)
+        else:
+            completions = generate(lm.model, lm.params, tokens, max_new, **kw)
     if jax.process_index() != 0:
         return
-    for prompt, c in zip(prompts, completions, strict=True):
+    if draft:
+        print(speculative.total(stats), file=sys.stderr)
+    for i, (prompt, c) in enumerate(zip(prompts, completions, strict=True)):
         text = lm.tokenizer.decode(c.tokens)
         if args.json:
             line = {"prompt": prompt.given, "completion": text, "completion_tokens": c.tokens}
+            line |= {"acceptance": round(stats[i].rate, 4)} if draft else {}
             print(json.dumps(line | {"finish_reason": c.finish_reason}), flush=True)
         else:
             print(text, flush=True)
@@ -168,6 +178,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         args.checkpoint, args.dtype, args.tokenizer, need_tokenizer=True, plan=args.sharding, head="lm",
         quantize=args.quantize,
     )  # fmt: skip
+    draft = speculative.load_draft(lm, args.draft, args.dtype, args.tokenizer, args.sharding) if args.draft else None
     sampling = replace(sampling, vocab_limit=lm.tokenizer.vocab_size)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -186,7 +197,14 @@ def cmd_chat(args: argparse.Namespace) -> None:
         dialog = [encode_dialog(lm.tokenizer, messages)]
         prompt, max_new = fit_context(lm.cfg.max_seq_len, dialog, args.max_new_tokens, "left")
         with sharding.activate(lm.plan, lm.mesh):
-            steps = stream(lm.model, lm.params, prompt, max_new, sampling, lm.tokenizer.stop_ids, args.seed)
+            if draft:  # the reply is printed whole
+                models = (lm.model, lm.params, draft.model, draft.params)
+                done = speculative.generate(
+                    *models, prompt, max_new, sampling, lm.tokenizer.stop_ids, args.seed, args.draft_tokens
+                )
+                steps = speculative.steps(done[0][0])
+            else:
+                steps = stream(lm.model, lm.params, prompt, max_new, sampling, lm.tokenizer.stop_ids, args.seed)
             reply = print_stream(lm, steps)
         messages.append({"role": "assistant", "content": lm.tokenizer.decode(reply)})
 
@@ -221,6 +239,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--system", default=None, help="system message (chat formats)")
 
+    def draft(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--draft", default=None, help="speculative decoding: a draft checkpoint with the same tokenizer")
+        p.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (K)")
+
     p = sub.add_parser("score", help="log-probabilities of token sequences")
     common(p)
     quantize(p)
@@ -240,6 +262,7 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     quantize(p)
     sampling(p)
+    draft(p)
     p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     p.add_argument("--prompt-file", help='JSONL: {"prompt": "..."} or {"messages": [...]} per line')
     p.add_argument("--chat", action="store_true", help="wrap --prompt texts in the model's chat format")
@@ -257,6 +280,7 @@ def parser() -> argparse.ArgumentParser:
     common(p)
     quantize(p)
     sampling(p)
+    draft(p)
     p.set_defaults(func=cmd_chat)
 
     from llama_jax.serving import server
@@ -289,11 +313,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--max-new-tokens must be at least 1")
         if getattr(args, "batch_size", 1) < 1:
             raise UserError("--batch-size must be at least 1")
+        if getattr(args, "draft_tokens", 1) < 1:
+            raise UserError("--draft-tokens must be at least 1")
         if getattr(args, "compile_only", False):
             return args.func(args)
         if not args.checkpoint:
             raise UserError("--checkpoint is required")
         args.checkpoint = str(resolve_checkpoint(args.checkpoint, args.revision))
+        if getattr(args, "draft", None):
+            args.draft = str(resolve_checkpoint(args.draft, None))
         hosts.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         args.func(args)
 
