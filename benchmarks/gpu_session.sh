@@ -30,7 +30,7 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices()[0].device_ki
 date -u +%F | tee -a "$out/device.txt"
 
 train="python3 benchmarks/train_step.py --model $small --seq-len $seq --steps 5"
-timeout $((t ? 900 : 120)) $train --batch-size 4,8 --unroll 0,1 --attention cudnn 2>&1 | tee "$out/train.txt"
+timeout $((t ? 900 : 120)) $train --batch-size 4,8 --unroll 0,1 --attention auto 2>&1 | tee "$out/train.txt"
 
 # JAX takes 60% of the GPU's memory, leaving the rest to PyTorch for the Hugging Face rows.
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout $((t ? 900 : 180)) python3 benchmarks/decode.py --model "$big" --prompts "$prompt" --batches "$batches" \
