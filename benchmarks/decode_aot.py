@@ -105,7 +105,7 @@ def compile_rows(
         shapes = stored_shapes(qcfg, per_layer)
         params = abstract(shapes, sharding.param_shardings(plan, mesh, qcfg, per_layer=per_layer))
         weight_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
-        weights.append(f"{mode} {weight_bytes / 1e9:.2f} GB")
+        weights += [f"{mode} {weight_bytes / 1e9:.2f} GB"] if layout == layouts[0] else []
         layer = stored_shapes(qcfg, True)["layers_0"]
         sizes = {math.prod(s.shape) for s in jax.tree.leaves(layer) if math.prod(s.shape) >= 2**19}  # not norms
         steps, scalar = 64, jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
