@@ -65,9 +65,9 @@ def load(
         raise UserError(f"{checkpoint} is quantized ({cfg.quantization}); it cannot be loaded as {quantize}")
     quantized = cfg.replace(quantization=quantize) if quantize not in (None, cfg.quantization) else None  # checked now
     replicas = sharding.kv_head_replicas(sharding_plan, mesh, cfg)
-    plan_, split = sharding_plan, replicas == 1  # kv heads kept whole when they are to be repeated
+    split = replicas == 1  # kv heads kept whole when they are to be repeated
     compute = build_model(cfg, dtype).dtype
-    stacked = sharding.param_shardings(plan_, mesh, cfg, split_kv_heads=split)
+    stacked = sharding.param_shardings(sharding_plan, mesh, cfg, split_kv_heads=split)
     if isinstance(source, OrbaxReader):  # restored straight into the sharding: each host reads its shards
         target = jax.tree_util.tree_map_with_path(
             lambda p, s, sh: jax.ShapeDtypeStruct(s.shape, quant.load_dtype(p, s.dtype, compute), sharding=sh),
@@ -80,18 +80,18 @@ def load(
         cast = lambda p, a: np.asarray(a).astype(quant.load_dtype(p, np.asarray(a).dtype, compute))  # noqa: E731
         params = sharding.put(jax.tree_util.tree_map_with_path(cast, host), stacked)
     if quantized is not None:  # each float kernel is freed once quantized
-        placement = sharding.param_shardings(plan_, mesh, quantized, split_kv_heads=split)
+        placement = sharding.param_shardings(sharding_plan, mesh, quantized, split_kv_heads=split)
         params = quant.quantize_params(params, cfg, quantize, placement, free=True)
         cfg = quantized
     if replicas > 1:  # more devices split kv heads than there are: each device gets a copy of one
         cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * replicas)
         kv = {"layers": {"attention": {n: params["layers"]["attention"][n] for n in ("wk", "wv")}}}
-        where = sharding.param_shardings(plan_, mesh, cfg)["layers"]["attention"]
+        where = sharding.param_shardings(sharding_plan, mesh, cfg)["layers"]["attention"]
         where = {"layers": {"attention": {n: where[n] for n in ("wk", "wv")}}}
         kv = jax.jit(lambda t: repeat_kv_heads(t, replicas), out_shardings=where)(kv)
         params["layers"]["attention"].update(kv["layers"]["attention"])
     model = build_model(cfg, dtype, per_layer=True)
-    params = unstack_on_device(params, sharding.param_shardings(plan_, mesh, cfg, per_layer=True))
+    params = unstack_on_device(params, sharding.param_shardings(sharding_plan, mesh, cfg, per_layer=True))
     tok = None
     where = [tokenizer] if tokenizer else [str(p) for p in tokenizer_files] or [checkpoint]
     if tokenizer or tokenizer_files or need_tokenizer:

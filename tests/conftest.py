@@ -1,5 +1,5 @@
 """Test-wide settings, applied before JAX starts (subprocesses inherit them):
-8 simulated CPU devices for the sharding tests, CPU only even where libtpu is installed
+8 simulated CPU devices for the sharding tests, XLA's quickest CPU compiles, CPU only even where libtpu is installed
 (it is, for ahead-of-time TPU compilation), and libtpu allowed in several processes."""
 
 import os
@@ -7,7 +7,12 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite compiles far more than it runs: XLA's lowest CPU optimisation level compiles ~30% faster.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
