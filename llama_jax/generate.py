@@ -136,20 +136,28 @@ def _step(model: Llama, params, cache, token, lengths, step, keys, prompt_len, s
 decode_step = jax.jit(_step, static_argnames=("model", "sampling"), donate_argnames="cache")
 
 
-@partial(jax.jit, static_argnames=("model", "sampling", "cache_len", "cache_dtype"))
-def prefill(model: Llama, params, tokens, pad, seeds, *, sampling: Sampling, cache_len: int, cache_dtype):
+def prefill_logits(model: Llama, params, tokens, pad, cache_len: int, cache_dtype) -> tuple[jax.Array, dict]:
     """Left-padded prompts [B, P] (`pad` leading pad tokens each) into a fresh cache of
-    `cache_len` slots -> (first sampled token [B], cache, per-row keys from `seeds`)."""
+    `cache_len` slots -> (the last position's logits [B, V], cache). Traced inside `prefill`
+    and speculative decoding's loop."""
     b, p = tokens.shape
     idx = jnp.arange(p)[None]
     positions = jnp.maximum(idx - pad[:, None], 0)
     segments = (idx >= pad[:, None]).astype(jnp.int32)
-    cache = init_cache(model.cfg, b, cache_len, cache_dtype, model.per_layer)
+    cache = init_cache(model.cfg, b, cache_len, cache_dtype or model.dtype, model.per_layer)
     last = jnp.full((b, 1), p - 1, jnp.int32)  # prompts are left-padded: every row ends at p - 1
     inputs = dict(positions=positions, segment_ids=segments, cache=cache, cache_index=0, logits_at=last)
     logits, cache = model.apply({"params": params}, tokens, **inputs)
+    return logits[:, -1], cache
+
+
+@partial(jax.jit, static_argnames=("model", "sampling", "cache_len", "cache_dtype"))
+def prefill(model: Llama, params, tokens, pad, seeds, *, sampling: Sampling, cache_len: int, cache_dtype):
+    """`prefill_logits`, then the first sampled token -> (first token [B], cache, per-row keys
+    from `seeds`)."""
+    logits, cache = prefill_logits(model, params, tokens, pad, cache_len, cache_dtype)
     keys = jax.vmap(jax.random.key)(seeds)
-    first = sample(logits[:, -1], jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling)
+    first = sample(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), sampling)
     return first, cache, keys
 
 

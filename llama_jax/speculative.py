@@ -17,7 +17,6 @@ are both models' distributions after `Sampling`'s vocab limit, temperature, top-
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.errors import UserError
-from llama_jax.generate import Completion, Sampling, bucket, filter_logits, limit_vocab, row_seeds, sample
+from llama_jax.generate import (
+    Completion,
+    Sampling,
+    bucket,
+    filter_logits,
+    limit_vocab,
+    prefill_logits,
+    row_seeds,
+    sample,
+)  # fmt: skip
 from llama_jax.hosts import to_host
 from llama_jax.load import Loaded, load
 from llama_jax.model import Llama, Params, init_cache
@@ -89,20 +97,6 @@ def forward(model: Llama, params: Params, cache, tokens: jax.Array, positions: j
         return logits[0], jax.tree.map(jnp.squeeze, cache_row, axes)
 
     return jax.vmap(row, in_axes=(axes, 0, 0, 0, 0), out_axes=(0, axes))(cache, tokens, positions, ones, slots)
-
-
-def prefill(model: Llama, params: Params, tokens: jax.Array, pad: jax.Array, cache_len: int, cache_dtype):
-    """Left-padded prompts [B, P] into a fresh cache -> (last position's logits [B, V], cache);
-    the same computation as `generate.prefill`."""
-    b, p = tokens.shape
-    idx = jnp.arange(p)[None]
-    positions = jnp.maximum(idx - pad[:, None], 0)
-    segments = (idx >= pad[:, None]).astype(jnp.int32)
-    cache = new_cache(model, b, cache_len, cache_dtype or model.dtype)
-    last = jnp.full((b, 1), p - 1, jnp.int32)  # prompts are left-padded: every row ends at p - 1
-    inputs = dict(positions=positions, segment_ids=segments, cache=cache, cache_index=0, logits_at=last)
-    logits, cache = model.apply({"params": params}, tokens, **inputs)
-    return logits[:, -1], cache
 
 
 # -- the acceptance rule ---------------------------------------------------------------------
@@ -170,8 +164,8 @@ def speculative_decode(
     cache_len = p + max_new + k  # the last round may write K slots past max_new
     lengths = p - pad
     keys = jax.vmap(jax.random.key)(seeds)
-    logits, t_cache = prefill(target, target_params, tokens, pad, cache_len, cache_dtype)
-    _, d_cache = prefill(draft, draft_params, tokens, pad, cache_len, cache_dtype)
+    logits, t_cache = prefill_logits(target, target_params, tokens, pad, cache_len, cache_dtype)
+    _, d_cache = prefill_logits(draft, draft_params, tokens, pad, cache_len, cache_dtype)
     first = pick(logits, fold(keys, 0), sampling)
     out = jnp.zeros((b, max_new + k + 1), jnp.int32).at[:, 0].set(first)
     done = done | jnp.isin(first, stop_ids) | (max_new == 1)
@@ -330,39 +324,3 @@ def steps(completion: Completion) -> Iterator[list[int | None]]:
     """A finished completion as `generate.stream`'s steps (one row), for code that prints a stream."""
     for t in completion.tokens:
         yield [t]
-
-
-def decode_rate(
-    target: Llama,
-    target_params: Params,
-    draft: Llama,
-    draft_params: Params,
-    context: int,
-    new_tokens: int,
-    k: int = 4,
-    batch: int = 1,
-    reps: int = 3,
-) -> tuple[float, Acceptance]:
-    """Benchmark: greedy speculative decoding of `new_tokens` after a `context`-token prompt (all
-    ones), no stop tokens -> (generated tokens per second, prefill excluded; the acceptance)."""
-    tokens = jnp.ones((batch, context), jnp.int32)
-    pad, seeds, done = (jnp.zeros((batch,), dt) for dt in (jnp.int32, jnp.uint32, bool))
-    never = jnp.full((1,), -1, jnp.int32)
-
-    def run(max_new: int):
-        kw = dict(sampling=Sampling(temperature=0.0), k=k, max_new=max_new)
-        return speculative_decode(target, target_params, draft, draft_params, tokens, pad, seeds, done, never, **kw)
-
-    def seconds(max_new: int) -> float:
-        jax.block_until_ready(run(max_new))
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            jax.block_until_ready(run(max_new))
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    decoding = seconds(new_tokens) - seconds(1)  # max_new 1: the prefills alone
-    _, accepted, rounds = (np.asarray(x) for x in run(new_tokens))
-    stats = Acceptance(int(accepted.sum()), int(rounds.sum()) * k, int(rounds.sum()), k)
-    return batch * (new_tokens - 1) / max(decoding, 1e-9), stats
