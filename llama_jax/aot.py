@@ -139,6 +139,16 @@ def abstract(tree, shardings_tree):
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings_tree)
 
 
+def inference_model(cfg, dtype: str, plan: sharding.Plan, mesh) -> tuple:
+    """The TPU inference model and its abstract parameters in the per-layer layout `load()` gives,
+    placed as the plan says."""
+    from llama_jax.model import build_model, param_shapes
+
+    model = build_model(cfg, dtype, backend="tpu", per_layer=True)
+    shapes = param_shapes(cfg, model.dtype, per_layer=True)
+    return model, abstract(shapes, sharding.param_shardings(plan, mesh, cfg, per_layer=True))
+
+
 def compile_train(cfg: TrainConfig) -> None:
     """Compile the real train step (forward, backward, AdamW) for `cfg.topology` and print per-chip
     memory and XLA's cost estimate."""
@@ -172,15 +182,14 @@ def compile_generate(
     """Compile prefill and the decode loop for a TPU topology; print per-chip memory."""
     from llama_jax import generate
     from llama_jax.config import get_preset
-    from llama_jax.model import build_model, init_cache, param_shapes
+    from llama_jax.model import init_cache
 
     topology = parse_topology(topology_name)
     cfg = get_preset(preset)
     plan = sharding.load_plan(plan_name)
     mesh = sharding.build_mesh(plan, topology_devices(topology))
-    model = build_model(cfg, dtype, backend="tpu", per_layer=True)
+    model, params = inference_model(cfg, dtype, plan, mesh)
     dt = model.dtype
-    params = abstract(param_shapes(cfg, dt, per_layer=True), sharding.param_shardings(plan, mesh, cfg, per_layer=True))
     multiple = sharding.batch_parallelism(plan, mesh)
     b = -(-batch_size // multiple) * multiple
     p = generate.bucket(prompt_len)
@@ -223,7 +232,6 @@ def compile_serve(
     sampling step); print per-chip memory. config: a serving.engine.EngineConfig."""
     from llama_jax.config import get_preset
     from llama_jax.generate import bucket
-    from llama_jax.model import build_model, param_shapes
     from llama_jax.paged import PageRows, pool_bytes_per_page, pool_shape
     from llama_jax.serving.step import forward_step, sample_step
 
@@ -232,9 +240,8 @@ def compile_serve(
     plan = sharding.load_plan(plan_name)
     mesh = sharding.build_mesh(plan, topology_devices(topology))
     cfg = cfg.replace(n_kv_heads=cfg.n_kv_heads * sharding.kv_head_replicas(plan, mesh, cfg))
-    model = build_model(cfg, dtype, backend="tpu", per_layer=True)
+    model, params = inference_model(cfg, dtype, plan, mesh)
     dt = model.dtype
-    params = abstract(param_shapes(cfg, dt, per_layer=True), sharding.param_shardings(plan, mesh, cfg, per_layer=True))
     pool = sharding.pool_sharding(plan, mesh)
     shards = math.prod(mesh.shape[n] for a in pool.spec for n in ((a,) if isinstance(a, str) else a or ()))
     pages_per_seq = -(-cfg.max_seq_len // config.page_size)
