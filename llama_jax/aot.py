@@ -256,7 +256,7 @@ def compile_serve(
     rows, table = bucket(config.max_num_seqs, config.min_rows), bucket(pages_per_seq, config.min_pages)
     prefill_rows = config.max_prefill_seqs
     width = config.prefill_chunk // prefill_rows
-    decode = PageRows(ints(rows, table), ints(rows), ints(rows), 1)
+    decode = PageRows(ints(rows, table), ints(rows), ints(rows), 1, ints(3, rows * table))  # every page live
     prefill = PageRows(ints(prefill_rows, table), ints(prefill_rows), ints(prefill_rows), width)
     reports = []
     with sharding.activate(plan, mesh):

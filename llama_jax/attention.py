@@ -32,7 +32,8 @@ def attention(
     q_offset: jax.Array | int = 0,
     implementation: str = "xla",
 ) -> jax.Array:
-    """q: [B, T, H, D]; k, v: [B, S, KV, D]; segment ids [B, T] and [B, S] -> [B, T, H, D]."""
+    """q: [B, T, H, D]; k, v: [B, S, KV, D]; segment ids [B, T] and [B, S] -> [B, T, H, D].
+    q_offset: one for all rows, or one per row [B] (paged serving)."""
     b, t, h, d = q.shape
     s, kv = k.shape[1], k.shape[2]
     causal = isinstance(q_offset, int) and q_offset == 0 and t == s  # queries at slots 0..T-1
@@ -40,7 +41,8 @@ def attention(
         kernel = _splash if implementation == "splash" else _tokamax
         return _per_device(kernel, q, k, v, q_segment_ids, kv_segment_ids)
     same_doc = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
-    in_order = (jnp.arange(s)[None, :] <= q_offset + jnp.arange(t)[:, None])[None]  # key at or before the query
+    q_slot = jnp.reshape(q_offset, (-1, 1)) + jnp.arange(t)  # [B or 1, T]
+    in_order = jnp.arange(s) <= q_slot[:, :, None]  # key at or before the query
     if implementation == "cudnn":
         # Training and scoring use cuDNN's own causal mask, which lets the kernel skip the blocks
         # above the diagonal; decoding passes the whole mask.

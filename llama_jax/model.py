@@ -114,8 +114,9 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), kv_heads)
         v = nn.with_logical_constraint(v, kv_heads)
         if isinstance(cache_index, PagedCache):  # layer_cache is this layer's index into the page pools
-            out = paged_attention(q, k.astype(dt), v.astype(dt), cache_index, layer_cache, self.implementation)
-            layer_cache = {"k": k, "v": v}  # written into the pages after the last layer
+            paged = cache_index.write(layer_cache, k, v)
+            out = paged_attention(q, paged, layer_cache, self.implementation)
+            layer_cache = paged  # the updated pools, for the next layer
         else:
             if layer_cache is not None:
                 at = (0, cache_index, 0, 0)
@@ -148,7 +149,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer layer; the `nn.scan` body (carry x, per-layer cache slice)."""
+    """A pre-norm transformer layer; the `nn.scan` body (carry: x and the page pools of a paged
+    cache, or None; per layer: its cache slice, or its index into the pools)."""
 
     cfg: LlamaConfig
     dtype: Any
@@ -157,15 +159,18 @@ class Block(nn.Module):
     fused_qkv: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_cache, rope, segments, cache_index):
+    def __call__(self, carry, layer_cache, rope, segments, cache_index):
         c, dt, pdt = self.cfg, self.dtype, self.param_dtype
+        x, paged = carry
         h = RMSNorm(c.norm_eps, dt, pdt, name="attention_norm")(x)
         attn, layer_cache = Attention(c, dt, pdt, self.implementation, self.fused_qkv, name="attention")(
-            h, *rope, layer_cache, *segments, cache_index
+            h, *rope, layer_cache, *segments, cache_index if paged is None else paged
         )
+        if paged is not None:
+            paged, layer_cache = layer_cache, None
         x = x + attn
         x = x + FeedForward(c, dt, pdt, name="feed_forward")(RMSNorm(c.norm_eps, dt, pdt, name="ffn_norm")(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), layer_cache
+        return (nn.with_logical_constraint(x, ("batch", "length", "embed")), paged), layer_cache
 
 
 class Llama(nn.Module):
@@ -218,8 +223,9 @@ class Llama(nn.Module):
         rope = rope_angles(c, positions)
 
         layer_cache, kv_segment_ids = None, segment_ids
-        if isinstance(cache, PagedCache):  # each layer reads its pages; all layers write them at the end
-            layer_cache, cache_index = jnp.arange(c.n_layers), cache
+        paged = cache if isinstance(cache, PagedCache) else None  # each layer writes, then reads, its pages
+        if paged is not None:
+            layer_cache = jnp.arange(c.n_layers)
         elif cache is not None:
             kv_segment_ids = jax.lax.dynamic_update_slice(
                 cache["segment_ids"], segment_ids.astype(cache["segment_ids"].dtype), (0, cache_index)
@@ -233,15 +239,16 @@ class Llama(nn.Module):
             unrolled = self.per_layer or self.scan_unroll >= c.n_layers
             block = nn.remat(Block, prevent_cse=unrolled, policy=REMAT_POLICIES[self.remat])
         args = (rope, (segment_ids, kv_segment_ids), cache_index)
+        carry = (x, paged)
         if self.per_layer:
             outs = []
             for i in range(c.n_layers):
-                own = i if isinstance(cache, PagedCache) else None  # the layer's pages, or its buffers
+                own = i if paged is not None else None  # the layer's pages, or its buffers
                 if isinstance(layer_cache, dict):
                     own = {"k": layer_cache["k"][i], "v": layer_cache["v"][i]}
-                x, own = block(c, dt, pdt, self.attention_impl, True, name=f"layers_{i}")(x, own, *args)
+                carry, own = block(c, dt, pdt, self.attention_impl, True, name=f"layers_{i}")(carry, own, *args)
                 outs.append(own)
-            layer_cache = None if layer_cache is None else {n: [o[n] for o in outs] for n in ("k", "v")}
+            layer_cache = None if cache is None or paged is not None else {n: [o[n] for o in outs] for n in "kv"}
         else:
             layers = nn.scan(
                 block,
@@ -252,10 +259,11 @@ class Llama(nn.Module):
                 unroll=self.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, dt, pdt, self.attention_impl, name="layers")
-            x, layer_cache = layers(x, layer_cache, *args)
+            carry, layer_cache = layers(carry, layer_cache, *args)
+        x, paged = carry
 
-        if isinstance(cache, PagedCache):
-            new_cache = cache.write(*(jnp.stack(layer_cache[n]) if self.per_layer else layer_cache[n] for n in "kv"))
+        if paged is not None:
+            new_cache = paged
         else:
             new_cache = None if cache is None else {**layer_cache, "segment_ids": kv_segment_ids}
         x = RMSNorm(c.norm_eps, dt, pdt, name="norm")(x)

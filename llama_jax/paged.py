@@ -4,10 +4,12 @@ and each sequence owns a list of pages (its page table), as in vLLM.
 `PagedCache` is one kind of cache input of the model's forward. A serving step feeds the new
 tokens of every running row as one flat sequence [1, N], grouped into `PageRows`: groups of rows
 with the same number of new tokens per row (`width`: 1 for decoding rows, a prefill chunk for
-prompt rows). Each layer attends with the keys already in the row's pages (read up to the
-group's page-table width, so a step reads the live pages of its rows and never the whole pool)
-plus the step's own new keys; the new keys and values are written into the pages once, after
-the last layer (`PagedCache.write`). Page 0 is never allocated: padding tokens write there.
+prompt rows). Each layer first writes its new keys and values into the rows' pages
+(`PagedCache.write`), then attends over the rows' pages, read up to the group's page-table width:
+a step reads the live pages of its rows and never the whole pool. Writing before reading, layer
+by layer, also chains every write after the previous layer's reads, which is what lets XLA update
+the donated pools in place (reads that nothing after them depends on make it copy both pools
+every step). Page 0 is never allocated: padding tokens write there.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.attention import attention
+from llama_jax.precision import einsum_f32
 
 NULL_PAGE = 0  # the page that padding writes to; never holds a sequence's tokens
 
@@ -28,19 +31,23 @@ NULL_PAGE = 0  # the page that padding writes to; never holds a sequence's token
 # A page of one kv head is a [page_size, head_dim] tile: TPUs tile the two minor dimensions, and
 # under tensor parallelism a chip often holds a single kv head.
 POOL_AXES = ("layers", "kv_heads", None, None, "head_dim")
-SLICES_PER_BLOCK = 32  # page reads per iteration of the loop over a group's rows
+PAGES_PER_BLOCK = 32  # pages a prefill group reads at once (rows per iteration of its loop)
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class PageRows:
     """A group of rows of one serving step, each with `width` new tokens of which the first
-    `new` are real (the rest is padding). `start`: tokens already in the row's pages."""
+    `new` are real (the rest is padding). `start`: tokens already in the row's pages.
+
+    A decoding group (width 1) also lists its rows' live pages, row after row (`live_pages`):
+    its attention reads those and no more, however long the page table."""
 
     page_table: jax.Array  # [rows, pages] int32: page ids, NULL_PAGE beyond the row's pages
     start: jax.Array  # [rows] int32
     new: jax.Array  # [rows] int32
     width: int = field(metadata=dict(static=True))
+    live: jax.Array | None = None  # [3, M] int32: page id, row, column of each live page (width 1)
 
     @property
     def rows(self) -> int:
@@ -62,8 +69,8 @@ class PagedCache:
     def page_size(self) -> int:
         return self.k.shape[3]
 
-    def write(self, k_new: jax.Array, v_new: jax.Array) -> PagedCache:
-        """Store the step's new keys/values [layers, 1, N, kv_heads, head_dim] in their pages.
+    def write(self, layer: jax.Array | int, k_new: jax.Array, v_new: jax.Array) -> PagedCache:
+        """Store one layer's new keys/values [1, N, kv_heads, head_dim] in their rows' pages.
 
         A loop of in-place updates: one per token of a decoding group (width 1), one per page of
         a prefill group (its rows start on a page boundary and its width is whole pages). Not a
@@ -84,15 +91,30 @@ class PagedCache:
 
             def store(i, pools, page=page, slot=slot, source=source, span=span):
                 def one(pool, new):
-                    piece = jax.lax.dynamic_slice_in_dim(new[:, 0], source[i], span, axis=1)  # [L, span, KV, D]
-                    piece = piece.transpose(0, 2, 1, 3)[:, :, None].astype(pool.dtype)
-                    return jax.lax.dynamic_update_slice(pool, piece, (0, 0, page[i], slot[i], 0))
+                    piece = jax.lax.dynamic_slice_in_dim(new[0], source[i], span, axis=0)  # [span, KV, D]
+                    piece = piece.transpose(1, 0, 2)[None, :, None].astype(pool.dtype)
+                    return jax.lax.dynamic_update_slice(pool, piece, (layer, 0, page[i], slot[i], 0))
 
                 return one(pools[0], k_new), one(pools[1], v_new)
 
             k, v = jax.lax.fori_loop(0, page.shape[0], store, (k, v))
             offset += g.tokens
         return PagedCache(k, v, self.groups)
+
+
+def live_pages(page_table: np.ndarray, start: np.ndarray, page_size: int, minimum: int = 1) -> np.ndarray:
+    """The pages a decoding group's attention reads: for each row, its pages up to the one its
+    new token goes to, as [3, M] (page id, row, column), M a power of two (at least `minimum`).
+    Padding entries (NULL_PAGE, last row, a column past every row's token) are masked out."""
+    rows, columns = page_table.shape
+    count = np.asarray(start) // page_size + 1  # a padding row (start 0) reads the null page, masked
+    row = np.repeat(np.arange(rows), count)
+    column = np.concatenate([np.arange(n) for n in count])
+    m = max(minimum, 1 << (len(row) - 1).bit_length())
+    live = np.empty((3, m), np.int32)
+    live[0], live[1], live[2] = NULL_PAGE, rows - 1, columns
+    live[0, : len(row)], live[1, : len(row)], live[2, : len(row)] = page_table[row, column], row, column
+    return live
 
 
 def pool_shape(cfg: Any, num_pages: int, page_size: int) -> tuple[int, ...]:
@@ -110,47 +132,76 @@ def pool_bytes_per_page(cfg: Any, page_size: int, dtype: Any) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * page_size * cfg.head_dim * np.dtype(dtype).itemsize
 
 
-def paged_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, cache: PagedCache, layer: jax.Array, implementation: str = "xla"
-) -> jax.Array:
-    """Attention of a step's queries q [1, N, H, D] over their rows' pages and the step's new keys
-    k, v [1, N, KV, D] (causal among a row's new tokens) -> [1, N, H, D].
+def paged_attention(q: jax.Array, cache: PagedCache, layer: jax.Array | int, implementation: str = "xla") -> jax.Array:
+    """Attention of a step's queries q [1, N, H, D] over their rows' pages (this step's keys
+    already written) -> [1, N, H, D]. A query at position p of its row sees the row's slots 0..p.
 
-    A loop over blocks of rows (`lax.map`) slices each row's pages out of the pools, page by page
-    up to the page-table width, and appends the row's new keys; `attention` then applies its one
-    masking rule: cached slots beyond the row's `start` get segment 0, and the new keys sit after
-    all cached slots (q_offset). Slices read only those pages; a gather would be charged the whole
-    pool by XLA's cost model (and on TPUs it copies it)."""
+    A decoding group reads its live pages (`_attend_live`). A prefill group reads each row's
+    pages up to the page-table width, in blocks of rows (`lax.map`, so that a long table never
+    holds every row's keys at once), and `attention` applies its one masking rule with each
+    row's `start` as its queries' offset."""
     outs, offset = [], 0
     for g in cache.groups:
-        block = max(1, min(g.rows, SLICES_PER_BLOCK // g.page_table.shape[1]))
+        if g.width == 1:
+            if g.live is None:
+                raise ValueError("a decoding group needs its live pages (paged.live_pages)")
+            outs.append(_attend_live(q[0, offset : offset + g.rows], g, cache, layer)[None])
+            offset += g.tokens
+            continue
+        block = max(1, min(g.rows, PAGES_PER_BLOCK // g.page_table.shape[1]))
         blocks = lambda x: x.reshape(g.rows // block, block, *x.shape[1:])  # noqa: B023
-        part = lambda x: blocks(x[0, offset : offset + g.tokens].reshape(g.rows, g.width, *x.shape[2:]))  # noqa: B023
+        rows_q = blocks(q[0, offset : offset + g.tokens].reshape(g.rows, g.width, *q.shape[2:]))
         out = jax.lax.map(
             lambda rows: _attend_rows(*rows, cache, layer, implementation),
-            (part(q), part(k), part(v), blocks(g.page_table), blocks(g.start)),
+            (rows_q, blocks(g.page_table), blocks(g.start)),
         )
         outs.append(out.reshape(1, g.tokens, *out.shape[3:]))
         offset += g.tokens
     return jnp.concatenate(outs, axis=1)
 
 
-def _attend_rows(q, k, v, page_table, start, cache: PagedCache, layer, implementation: str) -> jax.Array:
-    """A block of rows: q [B, W, H, D], their new k/v [B, W, KV, D], page ids [B, pages]."""
-    _, kv_heads, _, size, head_dim = cache.k.shape
+def _attend_rows(q, page_table, start, cache: PagedCache, layer, implementation: str) -> jax.Array:
+    """A block of rows: q [B, W, H, D], page ids [B, pages], tokens before the step [B]."""
     rows, pages = page_table.shape
-    cached = pages * size
+    kv_heads, size, head_dim = cache.k.shape[1], cache.k.shape[3], cache.k.shape[4]
 
-    def read(pool: jax.Array) -> jax.Array:  # [B, cached, KV, D]
-        one = lambda r, j: jax.lax.dynamic_slice(
-            pool, (layer, 0, page_table[r, j], 0, 0), (1, kv_heads, 1, size, head_dim)
-        )
-        rows_ = [jnp.concatenate([one(r, j)[0, :, 0] for j in range(pages)], axis=1) for r in range(rows)]
-        return jnp.stack(rows_).transpose(0, 2, 1, 3).astype(k.dtype)
+    def read(pool: jax.Array) -> jax.Array:  # [B, pages * size, KV, D]
+        x = read_pages(pool, layer, page_table.reshape(-1)).reshape(rows, pages, kv_heads, size, head_dim)
+        return x.transpose(0, 1, 3, 2, 4).reshape(rows, pages * size, kv_heads, head_dim).astype(q.dtype)
 
-    keys = jnp.concatenate([read(cache.k), k], axis=1)
-    values = jnp.concatenate([read(cache.v), v], axis=1)
-    old = jnp.arange(cached)[None] < start[:, None]
-    kv_segments = jnp.concatenate([old, jnp.ones(k.shape[:2], bool)], axis=1).astype(jnp.int32)
-    q_segments = jnp.ones(q.shape[:2], jnp.int32)
-    return attention(q, keys, values, q_segments, kv_segments, cached, implementation)
+    ones = lambda n: jnp.ones((rows, n), jnp.int32)  # noqa: E731
+    return attention(q, read(cache.k), read(cache.v), ones(q.shape[1]), ones(pages * size), start, implementation)
+
+
+def read_pages(pool: jax.Array, layer: jax.Array | int, pages: jax.Array) -> jax.Array:
+    """One layer's pages [n] of a pool -> [n, kv_heads, page_size, head_dim]: a loop of one-page
+    copies. Copies read only those pages (XLA's cost model counts each iteration; a gather is
+    charged the whole pool), and on CPUs a loop iteration costs less than a kernel per page."""
+    _, kv_heads, _, size, head_dim = pool.shape
+
+    def copy(i, out):
+        one = jax.lax.dynamic_slice(pool, (layer, 0, pages[i], 0, 0), (1, kv_heads, 1, size, head_dim))
+        return jax.lax.dynamic_update_slice(out, one.reshape(1, kv_heads, size, head_dim), (i, 0, 0, 0))
+
+    return jax.lax.fori_loop(0, pages.shape[0], copy, jnp.zeros((pages.shape[0], kv_heads, size, head_dim), pool.dtype))
+
+
+def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer) -> jax.Array:
+    """A decoding group over its live pages only: q [rows, H, D] -> [rows, H, D]. Each live page
+    scores its row's query; a softmax across each row's pages (segment max and sums, the pages
+    sorted by row) combines them, so the pages read follow the live tokens, not the table."""
+    page, row, column = g.live
+    _, kv_heads, _, size, head_dim = cache.k.shape
+    rows, heads = q.shape[0], q.shape[1]
+
+    read = lambda pool: read_pages(pool, layer, page).astype(q.dtype)  # [M, KV, size, D]  # noqa: E731
+    qg = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)[row]  # [M, KV, G, D]
+    scores = einsum_f32("mkgd,mksd->mkgs", qg, read(cache.k)) * head_dim**-0.5
+    visible = column[:, None] * size + jnp.arange(size) <= g.start[row][:, None]  # [M, size]
+    scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    top = jax.ops.segment_max(scores.max(-1), row, rows, indices_are_sorted=True)  # [rows, KV, G]
+    probs = jnp.exp(scores - top[row][..., None])
+    total = jax.ops.segment_sum(probs.sum(-1), row, rows, indices_are_sorted=True)
+    out = jnp.einsum("mksd,mkgs->mkgd", read(cache.v), probs.astype(q.dtype), preferred_element_type=jnp.float32)
+    out = jax.ops.segment_sum(out, row, rows, indices_are_sorted=True) / total[..., None]
+    return out.reshape(rows, heads, head_dim).astype(q.dtype)

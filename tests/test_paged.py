@@ -9,7 +9,7 @@ import numpy as np
 
 from llama_jax.config import LlamaConfig
 from llama_jax.model import Llama, init_params, param_shapes
-from llama_jax.paged import PagedCache, PageRows, init_pools, pool_bytes_per_page, pool_shape
+from llama_jax.paged import PagedCache, PageRows, init_pools, live_pages, pool_bytes_per_page, pool_shape
 
 CFG = LlamaConfig(64, 2, 4, 2, vocab_size=256, ffn_dim=176, max_seq_len=128)
 PAGE = 8
@@ -26,7 +26,8 @@ def paged_step(model, params, k, v, seqs, tables, groups):
             tokens += seqs[i][s0 : s0 + n] + [0] * (width - n)
             positions += range(s0, s0 + width)
             at.append(len(tokens) - width + max(n - 1, 0))
-        built.append(PageRows(jnp.asarray(table), jnp.asarray(start), jnp.asarray(new), width))
+        live = jnp.asarray(live_pages(table, start, PAGE)) if width == 1 else None
+        built.append(PageRows(jnp.asarray(table), jnp.asarray(start), jnp.asarray(new), width, live))
     logits, k, v = _paged_forward(model, params, k, v, tuple(built), jnp.asarray([tokens]), jnp.asarray([positions]),
                                   jnp.asarray([at]))  # fmt: skip
     return np.asarray(logits[0]), k, v
@@ -74,11 +75,11 @@ def test_step_traffic_follows_live_tokens_not_capacity():
         )
         return logits, cache.k, cache.v
 
-    def bytes_accessed(num_pages: int, pages_per_row: int, rows: int = 16, page: int = 16) -> float:
+    def bytes_accessed(num_pages: int, pages_per_row: int, rows: int = 16, page: int = 16, table: int = 8) -> float:
         sd = jax.ShapeDtypeStruct
         pool = sd(pool_shape(cfg, num_pages, page), jnp.float32)
         vec = sd((rows,), jnp.int32)
-        groups = (PageRows(sd((rows, pages_per_row), jnp.int32), vec, vec, 1),)
+        groups = (PageRows(sd((rows, table), jnp.int32), vec, vec, 1, sd((3, rows * pages_per_row), jnp.int32)),)
         compiled = step.lower(param_shapes(cfg), pool, pool, groups, sd((1, rows), jnp.int32), sd((1, rows), jnp.int32))
         cost = compiled.compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
@@ -87,4 +88,10 @@ def test_step_traffic_follows_live_tokens_not_capacity():
     assert abs(large - small) <= 0.1 * small, (small, large)
     pool_bytes = 960 * pool_bytes_per_page(cfg, 16, jnp.float32)  # what 960 more pages hold
     assert large - small < 0.01 * pool_bytes
-    assert bytes_accessed(1024, 16) > large  # more live tokens per row: more bytes
+    wide = bytes_accessed(1024, 4, table=32)  # a wider page table, the same live pages: its own ints more
+    assert 0 <= wide - large <= 16 * 24 * 4 * 2, (wide, large)
+    # More live tokens per row: more bytes, in proportion to the pages. Each live page is read from
+    # the pool, copied into the step's buffer and read again by the products: 1-3x its own bytes.
+    more = bytes_accessed(1024, 16)
+    page_bytes = 12 * 16 * pool_bytes_per_page(cfg, 16, jnp.float32)  # 12 more pages a row, 16 rows
+    assert page_bytes < more - large < 3 * page_bytes, (more - large, page_bytes)

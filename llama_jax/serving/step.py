@@ -2,11 +2,11 @@
 and prefill chunks, as `paged.PageRows` groups), samples each row's next token with its own
 settings and key, and returns the updated page pools (donated, so updated in place).
 
-Shapes are bucketed so that serving compiles a handful of programs: decoding rows and prefill
-rows to powers of two (at least `min_rows` decoding rows), page tables to a power of two pages
-(at least `min_pages`) covering the longest row of the step. At most
-(log2(max_num_seqs / min_rows) + 1) x (log2(context pages / min_pages) + 1) x
-(log2(max_prefill_seqs) + 2) forward programs, and a sampling program per row count.
+Shapes are bucketed so that serving compiles a handful of programs, each dimension to a power of
+two: decoding rows (at least `min_rows`), prefill rows, the page-table width (covering the step's
+longest row, at least `min_pages`) and a decoding group's live pages (at least one a row), which
+its attention reads. A decoding step with every slot full and every page live has rows x
+context pages live pages; the sampling program compiles once per row count.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from llama_jax.generate import bucket, limit_vocab, sample_rows
 from llama_jax.model import Llama, Params
-from llama_jax.paged import NULL_PAGE, PagedCache, PageRows
+from llama_jax.paged import NULL_PAGE, PagedCache, PageRows, live_pages
 from llama_jax.serving.scheduler import Plan
 
 TOP_LOGPROBS = 5  # the most alternatives a request may ask for (OpenAI's completions limit)
@@ -32,7 +32,7 @@ class StepInputs:
 
     tokens: np.ndarray  # [N] int32
     positions: np.ndarray  # [N] int32
-    groups: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]  # page_table, start, new, width
+    groups: list[tuple]  # page_table, start, new, width, live pages (decoding) or None
     logits_at: np.ndarray  # [R]
     seeds: np.ndarray  # [R] uint32
     counts: np.ndarray  # [R] int32: index of the token being sampled
@@ -64,7 +64,8 @@ def build_inputs(plan: Plan, page_size: int, min_rows: int = 1, min_pages: int =
             positions += range(s0, s0 + width)
             logits_at.append(len(tokens) - width + max(n - 1, 0))
             rows.append(seq)
-        built.append((table, start, new, width))
+        live = live_pages(table, start, page_size, count) if width == 1 else None
+        built.append((table, start, new, width, live))
     seeds = np.zeros(len(rows), np.uint32)
     counts, top_k = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
     temperature, top_p = np.zeros(len(rows), np.float32), np.ones(len(rows), np.float32)
@@ -125,7 +126,10 @@ def sample_step(
 
 def run_step(model: Llama, params: Params, k: jax.Array, v: jax.Array, inputs: StepInputs, vocab_limit: int):
     """Run one step from host inputs; -> (host outputs, new k pool, new v pool)."""
-    groups = tuple(PageRows(jnp.asarray(t), jnp.asarray(s), jnp.asarray(n), w) for t, s, n, w in inputs.groups)
+    groups = tuple(
+        PageRows(jnp.asarray(t), jnp.asarray(s), jnp.asarray(n), w, None if live is None else jnp.asarray(live))
+        for t, s, n, w, live in inputs.groups
+    )
     logits, k, v = forward_step(
         model, params, k, v, groups,
         jnp.asarray(inputs.tokens), jnp.asarray(inputs.positions), jnp.asarray(inputs.logits_at),
