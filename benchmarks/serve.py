@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.buckets import bucket
 from llama_jax.config import get_preset
-from llama_jax.generate import Sampling, bucket, generate
+from llama_jax.generate import Sampling, generate
 from llama_jax.model import Llama, init_params
 from llama_jax.per_layer import unstack_layers
 from llama_jax.serving.api import create_app

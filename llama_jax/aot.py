@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llama_jax import sharding
+from llama_jax.buckets import bucket
 from llama_jax.errors import UserError
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def compile_generate(
     dt = model.dtype
     multiple = sharding.batch_parallelism(plan, mesh)
     b = -(-batch_size // multiple) * multiple
-    p = generate.bucket(prompt_len)
+    p = bucket(prompt_len)
     row = sharding.batch_sharding(plan, mesh, (b, p))
     rows_1d = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(row.spec[0]))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -231,7 +232,6 @@ def compile_serve(
     full and page tables as wide as the context, the step with prefill chunks beside it, and the
     sampling step); print per-chip memory. config: a serving.engine.EngineConfig."""
     from llama_jax.config import get_preset
-    from llama_jax.generate import bucket
     from llama_jax.paged import PageRows, pool_bytes_per_page, pool_shape
     from llama_jax.serving.step import forward_step, sample_step
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax.buckets import bucket
 from llama_jax.hosts import to_host
 from llama_jax.model import Llama, Params, init_cache
 
@@ -113,11 +114,6 @@ def row_seeds(prompts: Sequence[Sequence[int]], seed: int) -> np.ndarray:
     return np.asarray(out, np.uint32)
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """Round a length up to a power of two, so that new lengths rarely recompile."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
-
-
 def _step(model: Llama, params, cache, token, lengths, step, keys, prompt_len, sampling: Sampling):
     """Feed the step-th new token [B] at cache slot prompt_len + step; sample the next one."""
     logits, cache = model.apply(
@@ -192,6 +188,19 @@ class _Batch:
     padding_rows: jax.Array  # [B] True for batch padding
 
 
+def pad_prompts(prompts: Sequence[Sequence[int]], batch_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts left-padded to a bucketed length, rows to a bucketed multiple of `batch_multiple`
+    -> (tokens [B, P], pad [B]: leading pad tokens, P for a padding row)."""
+    rows, p = len(prompts), bucket(max(len(x) for x in prompts))
+    b = -(-bucket(rows, 1) // batch_multiple) * batch_multiple
+    tokens = np.zeros((b, p), np.int32)
+    pad = np.full((b,), p, np.int32)
+    for i, prompt in enumerate(prompts):
+        tokens[i, p - len(prompt) :] = prompt
+        pad[i] = p - len(prompt)
+    return tokens, pad
+
+
 def _start(model, params, prompts, max_new, sampling, seed, cache_dtype, batch_multiple) -> _Batch:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -200,14 +209,9 @@ def _start(model, params, prompts, max_new, sampling, seed, cache_dtype, batch_m
         raise ValueError(
             f"prompt of {longest} tokens + {max_new} new tokens exceeds the context of {model.cfg.max_seq_len}"
         )
-    rows, p = len(prompts), bucket(longest)
-    b = -(-bucket(rows, 1) // batch_multiple) * batch_multiple
-    tokens = np.zeros((b, p), np.int32)
-    pad = np.full((b,), p, np.int32)
-    lengths = np.zeros((b,), np.int32)
-    for i, prompt in enumerate(prompts):
-        tokens[i, p - len(prompt) :] = prompt
-        pad[i], lengths[i] = p - len(prompt), len(prompt)
+    tokens, pad = pad_prompts(prompts, batch_multiple)
+    rows, (b, p) = len(prompts), tokens.shape
+    lengths = p - pad  # 0 for batch padding
     seeds = np.zeros((b,), np.uint32)
     seeds[:rows] = row_seeds(prompts, seed)
     first, cache, keys = prefill(

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.attention import attention
+from llama_jax.buckets import bucket
 from llama_jax.precision import einsum_f32
 
 NULL_PAGE = 0  # the page that padding writes to; never holds a sequence's tokens
@@ -110,7 +111,7 @@ def live_pages(page_table: np.ndarray, start: np.ndarray, page_size: int, minimu
     count = np.asarray(start) // page_size + 1  # a padding row (start 0) reads the null page, masked
     row = np.repeat(np.arange(rows), count)
     column = np.concatenate([np.arange(n) for n in count])
-    m = max(minimum, 1 << (len(row) - 1).bit_length())
+    m = bucket(len(row), minimum)
     live = np.empty((3, m), np.int32)
     live[0], live[1], live[2] = NULL_PAGE, rows - 1, columns
     live[0, : len(row)], live[1, : len(row)], live[2, : len(row)] = page_table[row, column], row, column

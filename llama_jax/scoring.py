@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.generate import bucket
+from llama_jax.buckets import bucket
 from llama_jax.hosts import to_host
 from llama_jax.model import Llama, Params
 

@@ -28,9 +28,9 @@ from llama_jax.errors import UserError
 from llama_jax.generate import (
     Completion,
     Sampling,
-    bucket,
     filter_logits,
     limit_vocab,
+    pad_prompts,
     prefill_logits,
     row_seeds,
     sample,
@@ -218,18 +218,6 @@ def speculative_decode(
 
 # -- the host side ---------------------------------------------------------------------------
 DEFAULT_SAMPLING = Sampling()  # generate's default
-
-
-def pad_prompts(prompts: Sequence[Sequence[int]], batch_multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts left-padded to a bucketed length, rows to a bucketed multiple -> (tokens, pad)."""
-    rows, p = len(prompts), bucket(max(len(x) for x in prompts))
-    b = -(-bucket(rows, 1) // batch_multiple) * batch_multiple
-    tokens = np.zeros((b, p), np.int32)
-    pad = np.full((b,), p, np.int32)
-    for i, prompt in enumerate(prompts):
-        tokens[i, p - len(prompt) :] = prompt
-        pad[i] = p - len(prompt)
-    return tokens, pad
 
 
 def generate(

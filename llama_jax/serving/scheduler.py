@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from llama_jax.generate import bucket
+from llama_jax.buckets import bucket
 from llama_jax.serving.pages import PagePool, page_hashes
 
 

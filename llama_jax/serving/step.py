@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llama_jax.generate import bucket, limit_vocab, sample_rows
+from llama_jax.buckets import bucket
+from llama_jax.generate import limit_vocab, sample_rows
 from llama_jax.model import Llama, Params
 from llama_jax.paged import NULL_PAGE, PagedCache, PageRows, live_pages
 from llama_jax.serving.scheduler import Plan
