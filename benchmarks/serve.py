@@ -7,7 +7,8 @@ Prompt and output lengths are drawn from seeded log-normal distributions (mixed 
 traffic has); prompts are random token ids, and every request generates exactly its output length
 (`ignore_eos`). The load generator is the `openai` client, streaming, at a fixed concurrency or a
 Poisson request rate, in a process of its own. Both paths are warmed up on the same requests first
-(compilation), then timed.
+(compilation), then timed in rounds, static then server, and the ratio is the median of the rounds'
+ratios: each round compares the two paths minutes apart at most, on a machine whose speed drifts.
 
     python benchmarks/serve.py                                # CPU: tiny preset, random weights
     python benchmarks/serve.py --model llama3-8b --num-requests 256 --input-len 512 --output-len 512 \\
@@ -191,10 +192,11 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64, help="server slots, and the static batch size")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--prefill-chunk", type=int, default=256)
-    ap.add_argument("--max-prefill-seqs", type=int, default=4)
+    ap.add_argument("--max-prefill-seqs", type=int, default=16)
     ap.add_argument("--min-batch-bucket", type=int, default=16)
     ap.add_argument("--min-page-bucket", type=int, default=0, help="0: the whole context (one page bucket)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds, each static then server (median ratio)")
     args = ap.parse_args()
     on_cpu = jax.default_backend() == "cpu"
     name = args.model or ("tiny" if on_cpu else "llama3-8b")
@@ -209,45 +211,46 @@ def main() -> None:
     sampling = Sampling(args.temperature, 1.0, 0, tok.vocab_size)
 
     run_static(model, params, reqs, args.max_num_seqs, sampling, args.page_size)  # compile every batch shape
-    static, static_wall, static_kv = run_static(model, params, reqs, args.max_num_seqs, sampling, args.page_size)
-
     pages = args.min_page_bucket or -(-cfg.max_seq_len // args.page_size)
     config = EngineConfig(max_num_seqs=args.max_num_seqs, page_size=args.page_size, prefill_chunk=args.prefill_chunk,
                           max_prefill_seqs=args.max_prefill_seqs, max_queue=max(1024, args.num_requests),
                           min_rows=args.min_batch_bucket, min_pages=pages)  # fmt: skip
     engine = Engine(model, params, tok.vocab_size, config)
-    used: list[int] = []
     load_args = (reqs, args.concurrency, args.request_rate, args.temperature, args.seed)
     spawn = multiprocessing.get_context("spawn")
+    rows, ratios = [], []
     with (
         BackgroundServer(create_app(engine, tok, "bench")) as server,
         ProcessPoolExecutor(1, mp_context=spawn) as client,
     ):
         client.submit(run_load, server.base_url, *load_args).result()  # warm-up: compiles every bucket
-        stop = threading.Event()
+        for _ in range(args.rounds):  # static then server, side by side in time
+            static = summary(f"static batches of {args.max_num_seqs}",
+                             *run_static(model, params, reqs, args.max_num_seqs, sampling, args.page_size))  # fmt: skip
+            used: list[int] = []
+            stop = threading.Event()
 
-        def watch() -> None:
-            while not stop.wait(0.05):
-                used.append(engine.stats()["pages_in_use"])
+            def watch(used=used, stop=stop) -> None:
+                while not stop.wait(0.05):
+                    used.append(engine.stats()["pages_in_use"])
 
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        served, served_wall = client.submit(run_load, server.base_url, *load_args).result()
-        stop.set()
-        watcher.join()
-        stats = engine.stats()
-    kv = f"{statistics.mean(used):.0f} pages in use (mean), {max(used)} max, of {stats['pages_total']}"
-    rows = [
-        summary(f"static batches of {args.max_num_seqs}", static, static_wall, static_kv),
-        summary(f"server, concurrency {args.concurrency}", served, served_wall, kv),
-    ]
+            watcher = threading.Thread(target=watch, daemon=True)
+            watcher.start()
+            served, served_wall = client.submit(run_load, server.base_url, *load_args).result()
+            stop.set()
+            watcher.join()
+            total = engine.stats()["pages_total"]
+            kv = f"{statistics.mean(used):.0f} pages in use (mean), {max(used)} max, of {total}"
+            rows += [static, summary(f"server, concurrency {args.concurrency}", served, served_wall, kv)]
+            ratios.append(rows[-1]["tok_s"] / static["tok_s"])
     lengths = [r.output_len for r in reqs]
     print(f"model {name} ({cfg.num_params / 1e6:.1f}M), "
           f"{jnp.dtype(dt).name}, {jax.devices()[0].device_kind}; {len(reqs)} requests, prompt tokens median "
           f"{statistics.median(len(r.prompt) for r in reqs):.0f} (max {max(len(r.prompt) for r in reqs)}), output "
           f"median {statistics.median(lengths):.0f} (max {max(lengths)})")  # fmt: skip
     print(format_table(rows))
-    print(f"continuous / static output tok/s: {rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x")
+    print(f"continuous / static output tok/s: {statistics.median(ratios):.2f}x, the median of {len(ratios)} rounds "
+          f"({', '.join(f'{r:.2f}x' for r in ratios)})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -233,6 +233,7 @@ def compile_serve(
     sampling step); print per-chip memory. config: a serving.engine.EngineConfig."""
     from llama_jax.config import get_preset
     from llama_jax.paged import PageRows, pool_bytes_per_page, pool_shape
+    from llama_jax.serving.scheduler import max_prefill_rows
     from llama_jax.serving.step import forward_step, sample_step
 
     topology = parse_topology(topology_name)
@@ -254,7 +255,7 @@ def compile_serve(
     ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=replicated)  # noqa: E731
     floats = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=replicated)  # noqa: E731
     rows, table = bucket(config.max_num_seqs, config.min_rows), bucket(pages_per_seq, config.min_pages)
-    prefill_rows = config.max_prefill_seqs
+    prefill_rows = max_prefill_rows(config.max_prefill_seqs, config.prefill_chunk, config.page_size)
     width = config.prefill_chunk // prefill_rows
     decode = PageRows(ints(rows, table), ints(rows), ints(rows), 1, ints(3, rows * table))  # every page live
     prefill = PageRows(ints(prefill_rows, table), ints(prefill_rows), ints(prefill_rows), width)

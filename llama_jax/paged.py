@@ -166,25 +166,31 @@ def _attend_rows(q, page_table, start, cache: PagedCache, layer, implementation:
     rows, pages = page_table.shape
     kv_heads, size, head_dim = cache.k.shape[1], cache.k.shape[3], cache.k.shape[4]
 
-    def read(pool: jax.Array) -> jax.Array:  # [B, pages * size, KV, D]
-        x = read_pages(pool, layer, page_table.reshape(-1)).reshape(rows, pages, kv_heads, size, head_dim)
-        return x.transpose(0, 1, 3, 2, 4).reshape(rows, pages * size, kv_heads, head_dim).astype(q.dtype)
+    def keys(x: jax.Array) -> jax.Array:  # [B * pages, KV, size, D] -> [B, pages * size, KV, D]
+        x = x.reshape(rows, pages, kv_heads, size, head_dim).transpose(0, 1, 3, 2, 4)
+        return x.reshape(rows, pages * size, kv_heads, head_dim).astype(q.dtype)
 
+    k, v = read_pages(cache, layer, page_table.reshape(-1))
     ones = lambda n: jnp.ones((rows, n), jnp.int32)  # noqa: E731
-    return attention(q, read(cache.k), read(cache.v), ones(q.shape[1]), ones(pages * size), start, implementation)
+    return attention(q, keys(k), keys(v), ones(q.shape[1]), ones(pages * size), start, implementation)
 
 
-def read_pages(pool: jax.Array, layer: jax.Array | int, pages: jax.Array) -> jax.Array:
-    """One layer's pages [n] of a pool -> [n, kv_heads, page_size, head_dim]: a loop of one-page
-    copies. Copies read only those pages (XLA's cost model counts each iteration; a gather is
-    charged the whole pool), and on CPUs a loop iteration costs less than a kernel per page."""
-    _, kv_heads, _, size, head_dim = pool.shape
+def read_pages(cache: PagedCache, layer: jax.Array | int, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's pages [n] of the key and value pools -> two [n, kv_heads, page_size, head_dim]:
+    a loop of one-page copies, both pools per iteration. Copies read only those pages (XLA's cost
+    model counts each iteration; a gather is charged the whole pool), and on CPUs a loop iteration
+    costs less than a kernel per page."""
+    _, kv_heads, _, size, head_dim = cache.k.shape
 
-    def copy(i, out):
-        one = jax.lax.dynamic_slice(pool, (layer, 0, pages[i], 0, 0), (1, kv_heads, 1, size, head_dim))
-        return jax.lax.dynamic_update_slice(out, one.reshape(1, kv_heads, size, head_dim), (i, 0, 0, 0))
+    def copy(i, outs):
+        def one(pool, out):
+            page = jax.lax.dynamic_slice(pool, (layer, 0, pages[i], 0, 0), (1, kv_heads, 1, size, head_dim))
+            return jax.lax.dynamic_update_slice(out, page.reshape(1, kv_heads, size, head_dim), (i, 0, 0, 0))
 
-    return jax.lax.fori_loop(0, pages.shape[0], copy, jnp.zeros((pages.shape[0], kv_heads, size, head_dim), pool.dtype))
+        return one(cache.k, outs[0]), one(cache.v, outs[1])
+
+    empty = jnp.zeros((pages.shape[0], kv_heads, size, head_dim), cache.k.dtype)
+    return jax.lax.fori_loop(0, pages.shape[0], copy, (empty, empty))
 
 
 def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer) -> jax.Array:
@@ -195,14 +201,14 @@ def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer) -> jax.Arr
     _, kv_heads, _, size, head_dim = cache.k.shape
     rows, heads = q.shape[0], q.shape[1]
 
-    read = lambda pool: read_pages(pool, layer, page).astype(q.dtype)  # [M, KV, size, D]  # noqa: E731
+    k, v = (x.astype(q.dtype) for x in read_pages(cache, layer, page))  # [M, KV, size, D]
     qg = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)[row]  # [M, KV, G, D]
-    scores = einsum_f32("mkgd,mksd->mkgs", qg, read(cache.k)) * head_dim**-0.5
+    scores = einsum_f32("mkgd,mksd->mkgs", qg, k) * head_dim**-0.5
     visible = column[:, None] * size + jnp.arange(size) <= g.start[row][:, None]  # [M, size]
     scores = jnp.where(visible[:, None, None], scores, jnp.finfo(jnp.float32).min)
     top = jax.ops.segment_max(scores.max(-1), row, rows, indices_are_sorted=True)  # [rows, KV, G]
     probs = jnp.exp(scores - top[row][..., None])
     total = jax.ops.segment_sum(probs.sum(-1), row, rows, indices_are_sorted=True)
-    out = jnp.einsum("mksd,mkgs->mkgd", read(cache.v), probs.astype(q.dtype), preferred_element_type=jnp.float32)
+    out = jnp.einsum("mksd,mkgs->mkgd", v, probs.astype(q.dtype), preferred_element_type=jnp.float32)
     out = jax.ops.segment_sum(out, row, rows, indices_are_sorted=True) / total[..., None]
     return out.reshape(rows, heads, head_dim).astype(q.dtype)

@@ -2,12 +2,16 @@
 admission and chunking, and incremental detokenization with stop strings."""
 
 import random
+import threading
+import time
 
 import pytest
 
 from llama_jax.serving.detokenizer import Detokenizer
 from llama_jax.serving.pages import PagePool, page_hashes
+from llama_jax.serving.programs import COMPILE_AFTER, Programs
 from llama_jax.serving.scheduler import QueueFull, Scheduler, Sequence
+from llama_jax.serving.step import StepShape
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
 
 TEXT = "The quick brown fox jumps over the lazy dog 12345.\nPack my box with five dozen jugs! é ü ß 日本語 😀\n" * 40
@@ -102,17 +106,30 @@ def test_chunked_prefill_starts_on_page_boundaries_then_decodes():
     s = make_scheduler(chunk=8, prefill_seqs=2)
     a, b = Sequence(list(range(1, 20)), 3), Sequence(list(range(50, 55)), 3)  # no common prefix
     s.add([a, b])
+    plan = s.schedule()  # a alone fills the chunk (8 tokens); a split would prefill 4 + 4
+    assert plan.prefill_width == 8 and [(x, n) for x, n in plan.prefill] == [(a, 8)]
+    s.advance(a, 8, None)
     plan = s.schedule()
-    assert plan.prefill_width == 4 and [(x, n) for x, n in plan.prefill] == [(a, 4), (b, 4)]
-    s.advance(a, 4, None)
+    assert [(x, n) for x, n in plan.prefill] == [(a, 8)]
+    s.advance(a, 8, None)
+    plan = s.schedule()  # a has 3 tokens left: a split prefills 3 + 4 rather than 3
+    assert plan.prefill_width == 4 and [(x, n) for x, n in plan.prefill] == [(a, 3), (b, 4)]
+    s.advance(a, 3, 7)  # a's prompt done: its first token
     s.advance(b, 4, None)
     plan = s.schedule()
-    assert [(x, n) for x, n in plan.prefill] == [(a, 4), (b, 1)]
-    s.advance(a, 4, None)
-    s.advance(b, 1, 7)  # b's prompt done: its first token
-    plan = s.schedule()
-    assert plan.decode == [b] and plan.prefill == [(a, 8)] and plan.prefill_width == 8
+    assert plan.decode == [a] and plan.prefill == [(b, 1)] and plan.prefill_width == 4  # one page, not the chunk
     assert all(x.computed % 4 == 0 for x, _ in plan.prefill)
+
+
+def test_many_short_prompts_share_the_chunk():
+    s = make_scheduler(seqs=8, chunk=32, prefill_seqs=8)
+    short = [Sequence([i, i + 1, i + 2], 2) for i in range(10, 70, 10)]  # six prompts of 3 tokens
+    s.add(short)
+    plan = s.schedule()  # 8 rows of 4: all six prompts at once (18 tokens; 4 rows of 8 would take 12)
+    assert plan.prefill_width == 4 and [(x, n) for x, n in plan.prefill] == [(x, 3) for x in short]
+    alone = make_scheduler(chunk=32, prefill_seqs=8)
+    alone.add([Sequence(list(range(1, 7)), 2)])  # 6 tokens: 1 row of 2 pages, not of the 32-token chunk
+    assert alone.schedule().prefill_width == 8
 
 
 def test_shared_prefix_is_computed_once():
@@ -176,3 +193,28 @@ def test_sequence_token_at():
 def test_scheduler_rejects_chunks_that_are_not_whole_pages():
     with pytest.raises(ValueError, match="multiple of --page-size"):
         Scheduler(PagePool(8, 16), 4, 4, 24, 2)
+
+
+def test_a_new_step_shape_runs_padded_until_its_program_compiles():
+    compiled, done = [], threading.Event()
+
+    def compile_shape(shape):
+        compiled.append(shape)
+        done.set()
+
+    programs = Programs(compile_shape)
+    big = StepShape(rows=16, live=64, pages=8, prefill=(4, 64))
+    assert programs.choose(big) == big  # nothing holds it: the step compiles it itself
+    small = StepShape(rows=8, live=16, pages=8, prefill=(2, 32))
+    decode_only = StepShape(rows=8, live=16, pages=8)
+    assert big.holds(small) and big.holds(decode_only) and not small.holds(big)
+    assert not StepShape(16, 64, 8, (4, 16)).holds(small)  # a prefill group too narrow
+    for _ in range(COMPILE_AFTER):
+        assert programs.choose(small) == big  # padded meanwhile
+    assert done.wait(30) and compiled == [small]
+    deadline = time.monotonic() + 30
+    while programs.choose(small) != small:  # ready once the background compile has finished
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert programs.padded_steps >= COMPILE_AFTER and programs.background_compiles == 1
+    programs.stop()

@@ -25,9 +25,10 @@ from llama_jax.paged import init_pools, pool_bytes_per_page
 from llama_jax.serving.detokenizer import Detokenizer
 from llama_jax.serving.metrics import Metrics
 from llama_jax.serving.pages import PagePool
+from llama_jax.serving.programs import Programs
 from llama_jax.serving.scheduler import Scheduler
 from llama_jax.serving.scheduler import Sequence as Seq
-from llama_jax.serving.step import build_inputs, run_step
+from llama_jax.serving.step import abstract, build_inputs, compile_step, run_step, step_shape
 
 log = logging.getLogger("llama_jax.serving")
 
@@ -38,7 +39,7 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int = 0  # 0: enough for max_num_seqs sequences of the whole context
     prefill_chunk: int = 256
-    max_prefill_seqs: int = 4
+    max_prefill_seqs: int = 16
     max_queue: int = 1024
     min_rows: int = 1  # smallest bucket of decoding rows
     min_pages: int = 1  # smallest bucket of page-table width
@@ -141,6 +142,10 @@ class Engine:
         )  # created in place, already sharded
         self.k, self.v = self._pools()
         self._context = context
+        params_spec, pool_spec = jax.tree.map(abstract, params), abstract(self.k)
+        self.programs = Programs(
+            lambda shape: compile_step(model, params_spec, (pool_spec, pool_spec), shape, vocab_limit), context
+        )
         self.metrics = Metrics()
         self.metrics.pages(self.pool.stats())
         self._lock = threading.Lock()
@@ -174,6 +179,7 @@ class Engine:
         with self._lock:
             self._stop = True
             self._wake.notify()
+        self.programs.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)
 
@@ -202,7 +208,9 @@ class Engine:
                 if plan is None:
                     self._wake.wait(timeout=1.0)
                     continue
-                inputs = build_inputs(plan, self.config.page_size, self.config.min_rows, self.config.min_pages)
+                size = self.config.page_size
+                shape = self.programs.choose(step_shape(plan, size, self.config.min_rows, self.config.min_pages))
+                inputs = build_inputs(plan, size, shape)
             try:
                 host, self.k, self.v = run_step(self.model, self.params, self.k, self.v, inputs, self.vocab_limit)
             except Exception:  # the step itself failed: every sequence in it fails, the cache is reset
@@ -283,4 +291,6 @@ class Engine:
                 "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting),
                 "steps": self.steps,
+                "padded_steps": self.programs.padded_steps,
+                "background_compiles": self.programs.background_compiles,
             }

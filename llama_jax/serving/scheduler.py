@@ -6,7 +6,8 @@ cache) are free, so a running sequence never runs out of pages and never has to 
 Beyond that, sequences wait in a queue of at most `max_queue` (`QueueFull` past it). Each step
 decodes one token for every running sequence whose prompt is in the cache, and prefills the next
 chunk of up to `max_prefill_seqs` others (their chunks together at most `prefill_chunk` tokens,
-each starting on a page boundary). A finished or cancelled sequence releases its pages at once.
+each starting on a page boundary, shaped so that the step prefills as many prompt tokens as it
+can and computes no more than it needs). A finished or cancelled sequence releases its pages at once.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class Plan:
     prefill_width: int  # tokens per prefill row (the chunk split over the bucketed rows)
 
 
+def max_prefill_rows(max_prefill_seqs: int, prefill_chunk: int, page_size: int) -> int:
+    """The most rows a prefill group has: a power of two, each row at least one page."""
+    return min(bucket(max_prefill_seqs, 1), prefill_chunk // page_size)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -70,8 +76,7 @@ class Scheduler:
             raise ValueError(f"--prefill-chunk ({prefill_chunk}) must be a multiple of --page-size ({size})")
         self.pool, self.max_num_seqs, self.max_queue = pool, max_num_seqs, max_queue
         self.prefill_chunk = prefill_chunk
-        # Rows of a prefill group: powers of two, each row at least one page.
-        self.max_prefill_seqs = min(bucket(max_prefill_seqs, 1), prefill_chunk // size)
+        self.max_prefill_seqs = max_prefill_rows(max_prefill_seqs, prefill_chunk, size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -105,12 +110,27 @@ class Scheduler:
         candidates = [s for s in self.running if not s.prefilled]
         prefill, width = [], 0
         if candidates:
-            rows = min(bucket(len(candidates), 1), self.max_prefill_seqs)
-            width = self.prefill_chunk // rows // self.pool.page_size * self.pool.page_size
+            rows, width = self._prefill_shape(candidates)
             prefill = [(s, min(width, len(s.prompt) - s.computed)) for s in candidates[:rows]]
         if not decode and not prefill:
             return None
         return Plan(decode, prefill, width)
+
+    def _prefill_shape(self, candidates: list[Sequence]) -> tuple[int, int]:
+        """The rows x width of this step's prefill group (rows a power of two, width whole pages,
+        a power of two of them or the chunk's share): the most prompt tokens in arrival order, at
+        most `prefill_chunk` in all, then the fewest computed. One long prompt takes the whole
+        chunk, many short ones share it, and a short one alone computes little more than itself."""
+        size, best = self.pool.page_size, (0, 0, 0)
+        rows = 1
+        while rows <= min(bucket(len(candidates), 1), self.max_prefill_seqs):
+            left = [len(s.prompt) - s.computed for s in candidates[:rows]]
+            width = min(self.prefill_chunk // rows // size, bucket(-(-max(left) // size), 1)) * size
+            tokens = sum(min(width, n) for n in left)
+            if (tokens, -rows * width) > (best[0], -best[1] * best[2]):
+                best = (tokens, rows, width)
+            rows *= 2
+        return best[1], best[2]
 
     def _admit(self) -> None:
         """Admit waiting sequences in order while slots and pages last. A sequence whose prefix

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-memory-fraction", type=float, default=0.9,
                    help="without --kv-memory on GPU/TPU: this fraction of the memory left after loading")  # fmt: skip
     p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens prefilled per step (all rows)")
-    p.add_argument("--max-prefill-seqs", type=int, default=4, help="prompts prefilled together in a step")
+    p.add_argument("--max-prefill-seqs", type=int, default=16, help="most prompts prefilled together in a step")
     p.add_argument("--max-queue", type=int, default=1024, help="waiting sequences before answering 429")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests after SIGTERM")
     p.add_argument("--min-batch-bucket", type=int, default=8, help="decoding rows are padded to a power of two >= N")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +44,47 @@ class StepInputs:
     rows: list
 
 
-def build_inputs(plan: Plan, page_size: int, min_rows: int = 1, min_pages: int = 1) -> StepInputs:
-    """Lay out a plan's rows: the decoding group (width 1, always there: a step with prefill rows
-    only is the same program as one with decoding rows too), then the prefill group."""
-    groups = [([(s, s.computed, 1) for s in plan.decode], bucket(len(plan.decode), min_rows), 1)]
-    if plan.prefill:
-        groups.append(([(s, s.computed, n) for s, n in plan.prefill], bucket(len(plan.prefill), 1), plan.prefill_width))
-    longest = max(start + new for rows, _, _ in groups for _, start, new in rows)  # a plan has rows
-    pages = bucket(-(-longest // page_size), min_pages)
+@dataclass(frozen=True)
+class StepShape:
+    """The shapes a step program is compiled for: decoding rows, their live pages, the page-table
+    width, and the prefill group's rows and width (None: no prefill group)."""
+
+    rows: int
+    live: int
+    pages: int
+    prefill: tuple[int, int] | None = None
+
+    def holds(self, other: StepShape) -> bool:
+        """Whether other's step can run in this program, padded: at least as many decoding rows,
+        live pages and page-table columns, and a prefill group at least as wide with as many rows
+        (padding rows of it write to the null page)."""
+        prefill = other.prefill is None or (
+            self.prefill is not None and self.prefill[0] >= other.prefill[0] and self.prefill[1] >= other.prefill[1]
+        )
+        return prefill and self.rows >= other.rows and self.live >= other.live and self.pages >= other.pages
+
+    @property
+    def tokens(self) -> int:
+        return self.rows + (0 if self.prefill is None else self.prefill[0] * self.prefill[1])
+
+
+def step_shape(plan: Plan, page_size: int, min_rows: int = 1, min_pages: int = 1) -> StepShape:
+    """A plan's own bucketed shape. A padding row of the decoding group reads one (null) page."""
+    rows = bucket(len(plan.decode), min_rows)
+    longest = max([s.computed + 1 for s in plan.decode] + [s.computed + n for s, n in plan.prefill])
+    live = sum(s.computed // page_size + 1 for s in plan.decode) + rows - len(plan.decode)
+    prefill = (bucket(len(plan.prefill), 1), plan.prefill_width) if plan.prefill else None
+    return StepShape(rows, bucket(live, rows), bucket(-(-longest // page_size), min_pages), prefill)
+
+
+def build_inputs(plan: Plan, page_size: int, shape: StepShape) -> StepInputs:
+    """Lay out a plan's rows in `shape` (its own or one that holds it): the decoding group (width
+    1, always there: a step with prefill rows only is the same program as one with decoding rows
+    too), then the prefill group."""
+    groups = [([(s, s.computed, 1) for s in plan.decode], shape.rows, 1)]
+    if shape.prefill is not None:
+        groups.append(([(s, s.computed, n) for s, n in plan.prefill], *shape.prefill))
+    pages = shape.pages
     tokens, positions, built, rows, logits_at = [], [], [], [], []
     for members, count, width in groups:
         table = np.full((count, pages), NULL_PAGE, np.int32)
@@ -65,7 +99,7 @@ def build_inputs(plan: Plan, page_size: int, min_rows: int = 1, min_pages: int =
             positions += range(s0, s0 + width)
             logits_at.append(len(tokens) - width + max(n - 1, 0))
             rows.append(seq)
-        live = live_pages(table, start, page_size, count) if width == 1 else None
+        live = live_pages(table, start, page_size, shape.live) if width == 1 else None
         built.append((table, start, new, width, live))
     seeds = np.zeros(len(rows), np.uint32)
     counts, top_k = np.zeros(len(rows), np.int32), np.zeros(len(rows), np.int32)
@@ -140,3 +174,27 @@ def run_step(model: Llama, params: Params, k: jax.Array, v: jax.Array, inputs: S
         jnp.asarray(inputs.top_k), jnp.asarray(inputs.top_p), vocab_limit=vocab_limit,
     )  # fmt: skip
     return jax.device_get(out), k, v
+
+
+def abstract(x: Any, sharding: jax.sharding.Sharding | None = None) -> jax.ShapeDtypeStruct:
+    """An array's shape, dtype and sharding as jit's cache sees them: a single-device sharding is
+    left out (a spec that names one keys a different program than the array itself does)."""
+    sharding = sharding or getattr(x, "sharding", None)
+    keep = sharding is not None and len(sharding.device_set) > 1
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if keep else None)
+
+
+def compile_step(model: Llama, params: Any, pools: tuple[Any, Any], shape: StepShape, vocab_limit: int) -> None:
+    """Compile the forward and sampling programs of one step shape without running them: params
+    and pools are `jax.ShapeDtypeStruct`s carrying the real arrays' shardings. The compiled
+    programs land in the jit caches, so the first step of that shape compiles nothing."""
+    ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)  # noqa: E731
+    groups = [PageRows(ints(shape.rows, shape.pages), ints(shape.rows), ints(shape.rows), 1, ints(3, shape.live))]
+    if shape.prefill is not None:
+        r, width = shape.prefill
+        groups.append(PageRows(ints(r, shape.pages), ints(r), ints(r), width))
+    n, rows = sum(g.tokens for g in groups), sum(g.rows for g in groups)
+    forward = forward_step.lower(model, params, *pools, tuple(groups), ints(n), ints(n), ints(rows)).compile()
+    logits = abstract(forward.out_info[0], forward.output_shardings[0])
+    u32, i32, f32 = (jax.ShapeDtypeStruct((rows,), t) for t in (jnp.uint32, jnp.int32, jnp.float32))
+    sample_step.lower(logits, u32, i32, f32, i32, f32, vocab_limit=vocab_limit).compile()
