@@ -8,7 +8,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import jax
@@ -232,9 +232,9 @@ def compile_serve(
     full and page tables as wide as the context, the step with prefill chunks beside it, and the
     sampling step); print per-chip memory. config: a serving.engine.EngineConfig."""
     from llama_jax.config import get_preset
-    from llama_jax.paged import PageRows, pool_bytes_per_page, pool_shape
+    from llama_jax.paged import pool_bytes_per_page, pool_shape
     from llama_jax.serving.scheduler import max_prefill_rows
-    from llama_jax.serving.step import forward_step, sample_step
+    from llama_jax.serving.step import StepShape, forward_step, sample_specs, sample_step, step_specs
 
     topology = parse_topology(topology_name)
     cfg = get_preset(preset)
@@ -252,33 +252,21 @@ def compile_serve(
         num_pages = int(kv_memory_gib * 2**30 * shards // pool_bytes_per_page(cfg, config.page_size, dt))
     k = v = jax.ShapeDtypeStruct(pool_shape(cfg, num_pages, config.page_size), dt, sharding=pool)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    ints = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=replicated)  # noqa: E731
-    floats = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32, sharding=replicated)  # noqa: E731
     rows, table = bucket(config.max_num_seqs, config.min_rows), bucket(pages_per_seq, config.min_pages)
     prefill_rows = max_prefill_rows(config.max_prefill_seqs, config.prefill_chunk, config.page_size)
     width = config.prefill_chunk // prefill_rows
-    decode = PageRows(ints(rows, table), ints(rows), ints(rows), 1, ints(3, rows * table))  # every page live
-    prefill = PageRows(ints(prefill_rows, table), ints(prefill_rows), ints(prefill_rows), width)
+    decode = StepShape(rows, rows * table, table)  # every page live
     reports = []
     with sharding.activate(plan, mesh):
-        for label, groups in [
-            (f"serve decode {rows} rows x {table} pages", (decode,)),
-            (f"serve decode {rows} + prefill {prefill_rows}x{width}", (decode, prefill)),
+        for label, shape in [
+            (f"serve decode {rows} rows x {table} pages", decode),
+            (f"serve decode {rows} + prefill {prefill_rows}x{width}", replace(decode, prefill=(prefill_rows, width))),
         ]:
-            n = sum(g.tokens for g in groups)
-            r = sum(g.rows for g in groups)
-            args = (model, params, k, v, groups, ints(n), ints(n), ints(r))
+            args = (model, params, k, v, *step_specs(shape, replicated))
             reports.append(compile_report(label, forward_step, args, {}, topology))
         r = rows + prefill_rows
         logits = jax.ShapeDtypeStruct((r, cfg.vocab_size), jnp.float32, sharding=replicated)
-        args = (
-            logits,
-            jax.ShapeDtypeStruct((r,), jnp.uint32, sharding=replicated),
-            ints(r),
-            floats(r),
-            ints(r),
-            floats(r),
-        )
+        args = (logits, *sample_specs(r, replicated))
         reports.append(compile_report(f"sample {r} rows", sample_step, args, {"vocab_limit": cfg.vocab_size}, topology))
     kv_gib = num_pages * pool_bytes_per_page(cfg, config.page_size, dt) / shards / 2**30
     print(

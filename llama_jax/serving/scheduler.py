@@ -54,7 +54,7 @@ class Sequence:
 class Plan:
     decode: list[Sequence]
     prefill: list[tuple[Sequence, int]]  # (sequence, tokens of its prompt this step)
-    prefill_width: int  # tokens per prefill row (the chunk split over the bucketed rows)
+    prefill_width: int  # tokens per prefill row (`Scheduler._prefill_shape`)
 
 
 def max_prefill_rows(max_prefill_seqs: int, prefill_chunk: int, page_size: int) -> int:
@@ -121,16 +121,14 @@ class Scheduler:
         a power of two of them or the chunk's share): the most prompt tokens in arrival order, at
         most `prefill_chunk` in all, then the fewest computed. One long prompt takes the whole
         chunk, many short ones share it, and a short one alone computes little more than itself."""
-        size, best = self.pool.page_size, (0, 0, 0)
-        rows = 1
+        size, options, rows = self.pool.page_size, [], 1
         while rows <= min(bucket(len(candidates), 1), self.max_prefill_seqs):
             left = [len(s.prompt) - s.computed for s in candidates[:rows]]
             width = min(self.prefill_chunk // rows // size, bucket(-(-max(left) // size), 1)) * size
-            tokens = sum(min(width, n) for n in left)
-            if (tokens, -rows * width) > (best[0], -best[1] * best[2]):
-                best = (tokens, rows, width)
+            options.append((sum(min(width, n) for n in left), -rows * width, rows, width))
             rows *= 2
-        return best[1], best[2]
+        _, _, rows, width = max(options, key=lambda o: o[:2])  # the first (fewest rows) of equals
+        return rows, width
 
     def _admit(self) -> None:
         """Admit waiting sequences in order while slots and pages last. A sequence whose prefix

@@ -184,17 +184,29 @@ def abstract(x: Any, sharding: jax.sharding.Sharding | None = None) -> jax.Shape
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding if keep else None)
 
 
-def compile_step(model: Llama, params: Any, pools: tuple[Any, Any], shape: StepShape, vocab_limit: int) -> None:
-    """Compile the forward and sampling programs of one step shape without running them: params
-    and pools are `jax.ShapeDtypeStruct`s carrying the real arrays' shardings. The compiled
-    programs land in the jit caches, so the first step of that shape compiles nothing."""
-    ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32)  # noqa: E731
+def step_specs(shape: StepShape, sharding: jax.sharding.Sharding | None = None) -> tuple:
+    """The abstract host inputs of a step of `shape`: (groups, tokens, positions, logits_at), the
+    arguments of `forward_step` after the pools."""
+    ints = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.int32, sharding=sharding)  # noqa: E731
     groups = [PageRows(ints(shape.rows, shape.pages), ints(shape.rows), ints(shape.rows), 1, ints(3, shape.live))]
     if shape.prefill is not None:
         r, width = shape.prefill
         groups.append(PageRows(ints(r, shape.pages), ints(r), ints(r), width))
     n, rows = sum(g.tokens for g in groups), sum(g.rows for g in groups)
-    forward = forward_step.lower(model, params, *pools, tuple(groups), ints(n), ints(n), ints(rows)).compile()
+    return tuple(groups), ints(n), ints(n), ints(rows)
+
+
+def sample_specs(rows: int, sharding: jax.sharding.Sharding | None = None) -> tuple:
+    """The abstract per-row inputs of `sample_step` after the logits."""
+    spec = lambda dtype: jax.ShapeDtypeStruct((rows,), dtype, sharding=sharding)  # noqa: E731
+    return spec(jnp.uint32), spec(jnp.int32), spec(jnp.float32), spec(jnp.int32), spec(jnp.float32)
+
+
+def compile_step(model: Llama, params: Any, pools: tuple[Any, Any], shape: StepShape, vocab_limit: int) -> None:
+    """Compile the forward and sampling programs of one step shape without running them: params
+    and pools are `abstract` specs of the real arrays. The compiled programs land in the jit
+    caches, so the first step of that shape compiles nothing."""
+    inputs = step_specs(shape)
+    forward = forward_step.lower(model, params, *pools, *inputs).compile()
     logits = abstract(forward.out_info[0], forward.output_shardings[0])
-    u32, i32, f32 = (jax.ShapeDtypeStruct((rows,), t) for t in (jnp.uint32, jnp.int32, jnp.float32))
-    sample_step.lower(logits, u32, i32, f32, i32, f32, vocab_limit=vocab_limit).compile()
+    sample_step.lower(logits, *sample_specs(logits.shape[0]), vocab_limit=vocab_limit).compile()
