@@ -7,8 +7,10 @@ Prompt and output lengths are drawn from seeded log-normal distributions (mixed 
 traffic has); prompts are random token ids, and every request generates exactly its output length
 (`ignore_eos`). The load generator is the `openai` client, streaming, at a fixed concurrency or a
 Poisson request rate, in a process of its own. Both paths are warmed up on the same requests first
-(compilation), then timed in rounds, static then server, and the ratio is the median of the rounds'
-ratios: each round compares the two paths minutes apart at most, on a machine whose speed drifts.
+(compilation): static batches once (their shapes are fixed), the server until a pass compiles no
+new step program (its shapes follow the timing of arrivals; at most `--warmup-passes`). Then both
+are timed in rounds, static then server, and the ratio is the median of the rounds' ratios: each
+round compares the two paths minutes apart at most, on a machine whose speed drifts.
 
     python benchmarks/serve.py                                # CPU: tiny preset, random weights
     python benchmarks/serve.py --model llama3-8b --num-requests 256 --input-len 512 --output-len 512 \\
@@ -42,6 +44,8 @@ from llama_jax.serving.api import create_app
 from llama_jax.serving.engine import Engine, EngineConfig
 from llama_jax.serving.server import BackgroundServer
 from llama_jax.tokenizer import load_tokenizer, train_sentencepiece
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @dataclass
@@ -152,6 +156,21 @@ async def load(base_url: str, reqs: list[Request], concurrency: int, rate: float
     return results, wall
 
 
+def warm_up(run_pass, most: int) -> tuple[int, int]:
+    """Run warm-up passes until one compiles nothing (or `most` passes) -> (passes, programs the
+    last one compiled). Compiles are counted with jax.monitoring's backend-compile events."""
+    compiles: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_: compiles.append(event) if event == BACKEND_COMPILE else None
+    )
+    passes, new = 0, 1
+    while new and passes < most:
+        before = len(compiles)
+        run_pass()
+        passes, new = passes + 1, len(compiles) - before
+    return passes, new
+
+
 def tokenizer_for(vocab: int, workdir: Path):
     """A SentencePiece tokenizer trained on some standard-library sources (random weights need
     no particular one; the server needs one to detokenize)."""
@@ -197,6 +216,7 @@ def main() -> None:
     ap.add_argument("--min-page-bucket", type=int, default=0, help="0: the whole context (one page bucket)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, each static then server (median ratio)")
+    ap.add_argument("--warmup-passes", type=int, default=4, help="most server warm-up passes (each the whole set)")
     args = ap.parse_args()
     on_cpu = jax.default_backend() == "cpu"
     name = args.model or ("tiny" if on_cpu else "llama3-8b")
@@ -223,7 +243,7 @@ def main() -> None:
         BackgroundServer(create_app(engine, tok, "bench")) as server,
         ProcessPoolExecutor(1, mp_context=spawn) as client,
     ):
-        client.submit(run_load, server.base_url, *load_args).result()  # warm-up: compiles every bucket
+        passes = warm_up(lambda: client.submit(run_load, server.base_url, *load_args).result(), args.warmup_passes)
         for _ in range(args.rounds):  # static then server, side by side in time
             static = summary(f"static batches of {args.max_num_seqs}",
                              *run_static(model, params, reqs, args.max_num_seqs, sampling, args.page_size))  # fmt: skip
@@ -248,6 +268,7 @@ def main() -> None:
           f"{jnp.dtype(dt).name}, {jax.devices()[0].device_kind}; {len(reqs)} requests, prompt tokens median "
           f"{statistics.median(len(r.prompt) for r in reqs):.0f} (max {max(len(r.prompt) for r in reqs)}), output "
           f"median {statistics.median(lengths):.0f} (max {max(lengths)})")  # fmt: skip
+    print(f"server warm-up: {passes[0]} passes, the last compiling {passes[1]} programs")
     print(format_table(rows))
     print(f"continuous / static output tok/s: {statistics.median(ratios):.2f}x, the median of {len(ratios)} rounds "
           f"({', '.join(f'{r:.2f}x' for r in ratios)})")  # fmt: skip

@@ -115,7 +115,7 @@ class Attention(nn.Module):
         v = nn.with_logical_constraint(v, kv_heads)
         if isinstance(cache_index, PagedCache):  # layer_cache is this layer's index into the page pools
             paged = cache_index.write(layer_cache, k, v)
-            out = paged_attention(q, paged, layer_cache, self.implementation)
+            out, paged = paged_attention(q, paged, layer_cache, self.implementation)
             layer_cache = paged  # the updated pools, for the next layer
         else:
             if layer_cache is not None:
@@ -225,6 +225,7 @@ class Llama(nn.Module):
         layer_cache, kv_segment_ids = None, segment_ids
         paged = cache if isinstance(cache, PagedCache) else None  # each layer writes, then reads, its pages
         if paged is not None:
+            paged = paged.with_buffers()
             layer_cache = jnp.arange(c.n_layers)
         elif cache is not None:
             kv_segment_ids = jax.lax.dynamic_update_slice(

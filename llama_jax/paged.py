@@ -65,6 +65,9 @@ class PagedCache:
     k: jax.Array  # [layers, kv_heads, num_pages, page_size, head_dim]
     v: jax.Array
     groups: tuple[PageRows, ...]  # the step's rows; their tokens are laid out group after group
+    # Per decoding group, (k, v) buffers [M, kv_heads, page_size, head_dim] for its live pages,
+    # which every layer's reads overwrite (`with_buffers`).
+    buffers: tuple[tuple[jax.Array, jax.Array], ...] = ()
 
     @property
     def page_size(self) -> int:
@@ -100,7 +103,16 @@ class PagedCache:
 
             k, v = jax.lax.fori_loop(0, page.shape[0], store, (k, v))
             offset += g.tokens
-        return PagedCache(k, v, self.groups)
+        return PagedCache(k, v, self.groups, self.buffers)
+
+    def with_buffers(self) -> PagedCache:
+        """The cache with buffers for its decoding groups' live pages. One pair a step, reused by
+        every layer: a pair a layer costs XLA a zeroed buffer and copies of it per layer (on the
+        CPU, that and the cold buffers made the read loops half again as slow)."""
+        _, kv_heads, _, size, head_dim = self.k.shape
+        live = [g.live.shape[1] for g in self.groups if g.width == 1 and g.live is not None]
+        empty = lambda m: jnp.zeros((m, kv_heads, size, head_dim), self.k.dtype)  # noqa: E731
+        return PagedCache(self.k, self.v, self.groups, tuple((empty(m), empty(m)) for m in live))
 
 
 def live_pages(page_table: np.ndarray, start: np.ndarray, page_size: int, minimum: int = 1) -> np.ndarray:
@@ -133,20 +145,28 @@ def pool_bytes_per_page(cfg: Any, page_size: int, dtype: Any) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * page_size * cfg.head_dim * np.dtype(dtype).itemsize
 
 
-def paged_attention(q: jax.Array, cache: PagedCache, layer: jax.Array | int, implementation: str = "xla") -> jax.Array:
+def paged_attention(
+    q: jax.Array, cache: PagedCache, layer: jax.Array | int, implementation: str = "xla"
+) -> tuple[jax.Array, PagedCache]:
     """Attention of a step's queries q [1, N, H, D] over their rows' pages (this step's keys
-    already written) -> [1, N, H, D]. A query at position p of its row sees the row's slots 0..p.
+    already written) -> ([1, N, H, D], the cache with the pages this layer read in its buffers).
+    A query at position p of its row sees the row's slots 0..p.
 
     A decoding group reads its live pages (`_attend_live`). A prefill group reads each row's
     pages up to the page-table width, in blocks of rows (`lax.map`, so that a long table never
     holds every row's keys at once), and `attention` applies its one masking rule with each
     row's `start` as its queries' offset."""
-    outs, offset = [], 0
+    outs, offset, buffers, decoding = [], 0, list(cache.buffers), 0
     for g in cache.groups:
         if g.width == 1:
             if g.live is None:
                 raise ValueError("a decoding group needs its live pages (paged.live_pages)")
-            outs.append(_attend_live(q[0, offset : offset + g.rows], g, cache, layer)[None])
+            into = buffers[decoding] if decoding < len(buffers) else None
+            out, read = _attend_live(q[0, offset : offset + g.rows], g, cache, layer, into)
+            if into is not None:
+                buffers[decoding] = read
+            decoding += 1
+            outs.append(out[None])
             offset += g.tokens
             continue
         block = max(1, min(g.rows, PAGES_PER_BLOCK // g.page_table.shape[1]))
@@ -158,7 +178,7 @@ def paged_attention(q: jax.Array, cache: PagedCache, layer: jax.Array | int, imp
         )
         outs.append(out.reshape(1, g.tokens, *out.shape[3:]))
         offset += g.tokens
-    return jnp.concatenate(outs, axis=1)
+    return jnp.concatenate(outs, axis=1), PagedCache(cache.k, cache.v, cache.groups, tuple(buffers))
 
 
 def _attend_rows(q, page_table, start, cache: PagedCache, layer, implementation: str) -> jax.Array:
@@ -175,11 +195,13 @@ def _attend_rows(q, page_table, start, cache: PagedCache, layer, implementation:
     return attention(q, keys(k), keys(v), ones(q.shape[1]), ones(pages * size), start, implementation)
 
 
-def read_pages(cache: PagedCache, layer: jax.Array | int, pages: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One layer's pages [n] of the key and value pools -> two [n, kv_heads, page_size, head_dim]:
-    a loop of one-page copies, both pools per iteration. Copies read only those pages (XLA's cost
-    model counts each iteration; a gather is charged the whole pool), and on CPUs a loop iteration
-    costs less than a kernel per page."""
+def read_pages(
+    cache: PagedCache, layer: jax.Array | int, pages: jax.Array, into: tuple[jax.Array, jax.Array] | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """One layer's pages [n] of the key and value pools -> two [n, kv_heads, page_size, head_dim]
+    (written over `into`, if given): a loop of one-page copies, both pools per iteration. Copies
+    read only those pages (XLA's cost model counts each iteration; a gather is charged the whole
+    pool), and on CPUs a loop iteration costs less than a kernel per page."""
     _, kv_heads, _, size, head_dim = cache.k.shape
 
     def copy(i, outs):
@@ -190,18 +212,20 @@ def read_pages(cache: PagedCache, layer: jax.Array | int, pages: jax.Array) -> t
         return one(cache.k, outs[0]), one(cache.v, outs[1])
 
     empty = jnp.zeros((pages.shape[0], kv_heads, size, head_dim), cache.k.dtype)
-    return jax.lax.fori_loop(0, pages.shape[0], copy, (empty, empty))
+    return jax.lax.fori_loop(0, pages.shape[0], copy, into or (empty, empty))
 
 
-def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer) -> jax.Array:
-    """A decoding group over its live pages only: q [rows, H, D] -> [rows, H, D]. Each live page
-    scores its row's query; a softmax across each row's pages (segment max and sums, the pages
-    sorted by row) combines them, so the pages read follow the live tokens, not the table."""
+def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer, into) -> tuple[jax.Array, tuple]:
+    """A decoding group over its live pages only: q [rows, H, D] -> ([rows, H, D], the pages read
+    (k, v), in `into` if given). Each live page scores its row's query; a softmax across each
+    row's pages (segment max and sums, the pages sorted by row) combines them, so the pages read
+    follow the live tokens, not the table."""
     page, row, column = g.live
     _, kv_heads, _, size, head_dim = cache.k.shape
     rows, heads = q.shape[0], q.shape[1]
 
-    k, v = (x.astype(q.dtype) for x in read_pages(cache, layer, page))  # [M, KV, size, D]
+    read = read_pages(cache, layer, page, into)
+    k, v = (x.astype(q.dtype) for x in read)  # [M, KV, size, D]
     qg = q.reshape(rows, kv_heads, heads // kv_heads, head_dim)[row]  # [M, KV, G, D]
     scores = einsum_f32("mkgd,mksd->mkgs", qg, k) * head_dim**-0.5
     visible = column[:, None] * size + jnp.arange(size) <= g.start[row][:, None]  # [M, size]
@@ -211,4 +235,4 @@ def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer) -> jax.Arr
     total = jax.ops.segment_sum(probs.sum(-1), row, rows, indices_are_sorted=True)
     out = jnp.einsum("mksd,mkgs->mkgd", v, probs.astype(q.dtype), preferred_element_type=jnp.float32)
     out = jax.ops.segment_sum(out, row, rows, indices_are_sorted=True) / total[..., None]
-    return out.reshape(rows, heads, head_dim).astype(q.dtype)
+    return out.reshape(rows, heads, head_dim).astype(q.dtype), read
