@@ -106,9 +106,9 @@ class PagedCache:
         return PagedCache(k, v, self.groups, self.buffers)
 
     def with_buffers(self) -> PagedCache:
-        """The cache with buffers for its decoding groups' live pages. One pair a step, reused by
-        every layer: a pair a layer costs XLA a zeroed buffer and copies of it per layer (on the
-        CPU, that and the cold buffers made the read loops half again as slow)."""
+        """The cache with buffers for its decoding groups' live pages: one pair a step, which every
+        layer's reads overwrite (a pair per layer costs a zeroed buffer and copies of it in each
+        layer, and the copies land in cold memory)."""
         _, kv_heads, _, size, head_dim = self.k.shape
         live = [g.live.shape[1] for g in self.groups if g.width == 1 and g.live is not None]
         empty = lambda m: jnp.zeros((m, kv_heads, size, head_dim), self.k.dtype)  # noqa: E731
@@ -211,8 +211,9 @@ def read_pages(
 
         return one(cache.k, outs[0]), one(cache.v, outs[1])
 
-    empty = jnp.zeros((pages.shape[0], kv_heads, size, head_dim), cache.k.dtype)
-    return jax.lax.fori_loop(0, pages.shape[0], copy, into or (empty, empty))
+    if into is None:
+        into = (jnp.zeros((pages.shape[0], kv_heads, size, head_dim), cache.k.dtype),) * 2
+    return jax.lax.fori_loop(0, pages.shape[0], copy, into)
 
 
 def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer, into) -> tuple[jax.Array, tuple]:
