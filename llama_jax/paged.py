@@ -110,7 +110,7 @@ class PagedCache:
         layer's reads overwrite (a pair per layer costs a zeroed buffer and copies of it in each
         layer, and the copies land in cold memory)."""
         _, kv_heads, _, size, head_dim = self.k.shape
-        live = [g.live.shape[1] for g in self.groups if g.width == 1 and g.live is not None]
+        live = [g.live.shape[1] for g in self.groups if g.width == 1]
         empty = lambda m: jnp.zeros((m, kv_heads, size, head_dim), self.k.dtype)  # noqa: E731
         return PagedCache(self.k, self.v, self.groups, tuple((empty(m), empty(m)) for m in live))
 
@@ -156,16 +156,16 @@ def paged_attention(
     pages up to the page-table width, in blocks of rows (`lax.map`, so that a long table never
     holds every row's keys at once), and `attention` applies its one masking rule with each
     row's `start` as its queries' offset."""
-    outs, offset, buffers, decoding = [], 0, list(cache.buffers), 0
+    decoding = [g for g in cache.groups if g.width == 1]
+    if any(g.live is None for g in decoding):
+        raise ValueError("a decoding group needs its live pages (paged.live_pages)")
+    if len(cache.buffers) != len(decoding):  # not made by the model's forward: buffers for this call
+        cache = cache.with_buffers()
+    outs, offset, buffers, d = [], 0, list(cache.buffers), 0
     for g in cache.groups:
         if g.width == 1:
-            if g.live is None:
-                raise ValueError("a decoding group needs its live pages (paged.live_pages)")
-            into = buffers[decoding] if decoding < len(buffers) else None
-            out, read = _attend_live(q[0, offset : offset + g.rows], g, cache, layer, into)
-            if into is not None:
-                buffers[decoding] = read
-            decoding += 1
+            out, buffers[d] = _attend_live(q[0, offset : offset + g.rows], g, cache, layer, buffers[d])
+            d += 1
             outs.append(out[None])
             offset += g.tokens
             continue
@@ -218,7 +218,7 @@ def read_pages(
 
 def _attend_live(q: jax.Array, g: PageRows, cache: PagedCache, layer, into) -> tuple[jax.Array, tuple]:
     """A decoding group over its live pages only: q [rows, H, D] -> ([rows, H, D], the pages read
-    (k, v), in `into` if given). Each live page scores its row's query; a softmax across each
+    (k, v), written over the buffers `into`). Each live page scores its row's query; a softmax across each
     row's pages (segment max and sums, the pages sorted by row) combines them, so the pages read
     follow the live tokens, not the table."""
     page, row, column = g.live
